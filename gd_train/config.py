@@ -1,0 +1,315 @@
+"""The typed configuration of gd-train: schema defaults -> YAML file(s) -> CLI dot-list overrides.
+
+One schema (`Config`) serves every command; each command reads the sections it needs. The schema's
+defaults *are* the tiny model (random weights, same diffusers classes), so a bare `load_config()` or
+`configs/model/tiny.yaml` runs anywhere. A YAML file may name other YAML files under `include:`
+(paths relative to itself); they are merged first, in order, then the file itself, then overrides.
+
+Every mistake is reported on one line that names the file, the key and what was expected
+(`ConfigError`), e.g. ``configs/x.yaml: unknown key 'student.etm_windw' (did you mean 'student.etm_window'?)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Wan2.1's own negative prompt (the one its pipeline examples and model card use). CFG with "" is a
+# different, weaker guidance signal than the one the teacher was tuned with (DESIGN §2).
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra "
+    "fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused "
+    "fingers, still picture, messy background, three legs, many people in the background, walking "
+    "backwards"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line (file, key, what was expected)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TransformerArch:
+    """`diffusers.WanTransformer3DModel` constructor arguments (ignored when `pretrained_path` is set:
+    the architecture then comes from `<pretrained_path>/transformer/config.json`)."""
+
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_attention_heads: int = 2
+    attention_head_dim: int = 12
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 32
+    freq_dim: int = 256
+    ffn_dim: int = 32
+    num_layers: int = 2
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+
+@dataclass
+class VaeArch:
+    """`diffusers.AutoencoderKLWan` constructor arguments for the random-weight model."""
+
+    base_dim: int = 3
+    z_dim: int = 16
+    dim_mult: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    num_res_blocks: int = 1
+    temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+
+
+@dataclass
+class TextEncoderArch:
+    """`transformers.UMT5EncoderModel` arguments for the random-weight model (byte-level tokenizer)."""
+
+    d_model: int = 32
+    d_kv: int = 8
+    d_ff: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    relative_attention_num_buckets: int = 8
+
+
+@dataclass
+class ModelConfig:
+    transformer: TransformerArch = field(default_factory=TransformerArch)
+    vae: VaeArch = field(default_factory=VaeArch)
+    text_encoder: TextEncoderArch = field(default_factory=TextEncoderArch)
+    # Seed of the random weights when no `pretrained_path` is given: every process that builds the tiny
+    # model gets the same weights, so teacher data, training and generation agree.
+    init_seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16
+    attention_backend: str = "auto"  # auto (flex on CUDA, SDPA on CPU) | sdpa | flex
+    max_text_tokens: int = 512  # UMT5 context: embeddings are zero-padded to this length
+
+
+@dataclass
+class VideoConfig:
+    """Pixel geometry; latents are (16, 1 + (num_frames - 1) / 4, height / 8, width / 8)."""
+
+    height: int = 64
+    width: int = 96
+    num_frames: int = 21
+    fps: int = 16
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 4
+    alpha: int = 4
+    target_modules: list[str] = field(
+        default_factory=lambda: ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                                 "ffn.net.0.proj", "ffn.net.2"]
+    )
+    dropout: float = 0.0
+
+
+@dataclass
+class StudentConfig:
+    etm_window: int = 3  # w of Eq. (1): a chunk sees itself and the w chunks before it
+    etm_lora: LoraSpec = field(default_factory=LoraSpec)
+    sdd_lora: LoraSpec = field(default_factory=LoraSpec)
+    # Flow shift of the student's few-step schedule: sigma' = s*sigma / (1 + (s-1)*sigma).
+    flow_shift: float = 5.0
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    # Algorithm 1 starts from a noise frame x_0; we denoise it with the same SDD and no context, so
+    # stage 1 also trains that f = 0 term (see docs/design.md).
+    train_first_frame: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class GenerateConfig:
+    latent_frames: int = 8
+    seed: int = 0
+    prompt: str = "a red fox running through fresh snow, cinematic lighting"
+    kv_cache: bool = True
+
+
+@dataclass
+class Config:
+    # Local folder in the Wan2.1-T2V-1.3B-Diffusers layout (transformer/, vae/, text_encoder/,
+    # tokenizer/). None: the tiny random-weight model described by `model`.
+    pretrained_path: Optional[str] = None
+    seed: int = 0
+    output_dir: str = "runs/default"
+    video: VideoConfig = field(default_factory=VideoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                schema: type = Config) -> DictConfig:
+    """Defaults -> YAML (with its `include:` chain) -> dot-list overrides, validated, read-only."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if path is not None:
+        for source, data in _yaml_chain(Path(path)):
+            cfg = _merge(cfg, data, source)
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected KEY=VALUE (e.g. student.etm_window=3)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    path = path.resolve() if path.is_absolute() else (Path.cwd() / path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found (expected a YAML file, e.g. configs/model/tiny.yaml)")
+    if path in seen:
+        raise ConfigError(f"config file {path}: includes itself (chain: {' -> '.join(map(str, seen))})")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: report as one line
+        raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping at top level, got {type(data).__name__}")
+    chain: list[tuple[str, DictConfig]] = []
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    for inc in includes:
+        chain += _yaml_chain(path.parent / str(inc), seen + (path,))
+    chain.append((str(path), data))
+    return chain
+
+
+def _merge(cfg: DictConfig, data: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, data)
+    except ConfigKeyError as exc:
+        key = _full_key(exc)
+        hint = _nearest_key(cfg, key)
+        raise ConfigError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")) from None
+    except ValidationError as exc:
+        key = _full_key(exc)
+        raise ConfigError(f"{source}: key '{key}': {_first_line(exc)}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_first_line(exc)}") from None
+
+
+def _full_key(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    return str(key)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(full)
+            keys += _all_keys(node._get_node(k), full)
+    return keys
+
+
+def _nearest_key(cfg: DictConfig, key: str) -> Optional[str]:
+    candidates = _all_keys(cfg)
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [c for c in candidates if (c.rsplit(".", 1)[0] if "." in c else "") == parent]
+    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, candidates, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and derived quantities
+# --------------------------------------------------------------------------------------------------
+VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+
+EXPECTED_LAYOUT = ("a Wan2.1-T2V-1.3B-Diffusers folder holding transformer/ (config.json + "
+                   "*.safetensors), vae/, text_encoder/ and tokenizer/")
+
+
+def validate(cfg: DictConfig) -> None:
+    v = cfg.video
+    if v.num_frames < 1 or (v.num_frames - 1) % VAE_TEMPORAL:
+        raise ConfigError(f"key 'video.num_frames': {v.num_frames} is not 1 + 4k (the Wan VAE compresses time by 4)")
+    for name in ("height", "width"):
+        size = v[name]
+        if size <= 0 or size % (VAE_SPATIAL * 2):
+            raise ConfigError(f"key 'video.{name}': {size} is not a positive multiple of 16 (VAE x8, patch x2)")
+    s = cfg.student
+    if s.etm_window < 0:
+        raise ConfigError(f"key 'student.etm_window': expected >= 0, got {s.etm_window}")
+    steps = list(s.denoising_steps)
+    if not steps or any(not 0 < t <= 1000 for t in steps) or steps != sorted(steps, reverse=True):
+        raise ConfigError(f"key 'student.denoising_steps': expected decreasing values in (0, 1000], got {steps}")
+    if s.flow_shift <= 0:
+        raise ConfigError(f"key 'student.flow_shift': expected > 0, got {s.flow_shift}")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"key 'model.dtype': expected 'float32' or 'bfloat16', got '{cfg.model.dtype}'")
+    if cfg.model.attention_backend not in ("auto", "sdpa", "flex"):
+        raise ConfigError(f"key 'model.attention_backend': expected auto|sdpa|flex, got '{cfg.model.attention_backend}'")
+    if cfg.pretrained_path is not None:
+        check_pretrained_folder(cfg.pretrained_path, parts=("transformer",))
+
+
+def check_pretrained_folder(root: str | os.PathLike, parts: Sequence[str]) -> Path:
+    """Fail in one line when `root` lacks one of the diffusers sub-folders a command needs."""
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise ConfigError(f"pretrained_path '{root}': no such folder; expected {EXPECTED_LAYOUT}")
+    for part in parts:
+        sub = root_path / part
+        if not sub.is_dir():
+            raise ConfigError(f"pretrained_path '{root}': missing {part}/; expected {EXPECTED_LAYOUT}")
+        if part in ("transformer", "vae", "text_encoder") and not (sub / "config.json").is_file():
+            raise ConfigError(f"pretrained_path '{root}': missing {part}/config.json; expected {EXPECTED_LAYOUT}")
+    return root_path
+
+
+def latent_shape(cfg: DictConfig, latent_frames: Optional[int] = None) -> tuple[int, int, int, int]:
+    """(C, F, H, W) of the latents of one clip (F from the video length unless given)."""
+    v = cfg.video
+    frames = latent_frames if latent_frames is not None else 1 + (v.num_frames - 1) // VAE_TEMPORAL
+    return (transformer_arch(cfg)["in_channels"], frames, v.height // VAE_SPATIAL, v.width // VAE_SPATIAL)
+
+
+def transformer_arch(cfg: DictConfig) -> dict[str, Any]:
+    """The transformer's constructor arguments: from the pretrained folder when set, else the schema."""
+    if cfg.pretrained_path is not None:
+        root = check_pretrained_folder(cfg.pretrained_path, parts=("transformer",))
+        with open(root / "transformer" / "config.json") as fh:
+            arch = json.load(fh)
+        return {k: v for k, v in arch.items() if not k.startswith("_")}
+    arch = OmegaConf.to_container(cfg.model.transformer, resolve=True)
+    arch["patch_size"] = tuple(arch["patch_size"])
+    return arch
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def as_container(node: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(node, resolve=True)

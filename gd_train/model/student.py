@@ -1,0 +1,257 @@
+"""The Greedy Distill student: one frozen Wan base, two PEFT LoRA adapters (`etm`, `sdd`) and the
+zero-initialised projection that carries the ETM's temporal representation c_f into the SDD.
+
+With adapters off the same module *is* the teacher. Three kinds of pass are offered:
+- `teacher_velocity`: the bidirectional teacher (full attention, frames numbered from 0);
+- `parallel_forward`: stage 1's teacher-forced pass — every c_f and every chunk's SDD velocity of a
+  clip in one ETM pass plus one SDD pass (DESIGN §4);
+- `etm_step` / `sdd_context_step` / `sdd_velocity_step`: one chunk at a time against KV caches, the
+  pieces `gd_train.infer.stream` assembles into Algorithm 1.
+Token layouts, masks and positions are those documented in `gd_train.model.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from gd_train.model.attention import CacheOps, ChunkMask, KVCache, sdd_visibility, sliding_window_visibility
+from gd_train.model.backbone import load_transformer, torch_dtype
+from gd_train.model.forward import WanPass
+
+ADAPTERS = ("etm", "sdd")
+
+# Fixed RoPE frame positions of the SDD's context (see attention.py's module docstring).
+SDD_POS_FIRST, SDD_POS_PREV, SDD_POS_NOISY = 0, 1, 2
+# SDD cache slots: the noisy chunk being denoised, x_0, and the previous frame x_{f-1}.
+SDD_SLOT_NOISY, SDD_SLOT_FIRST, SDD_SLOT_PREV = 0, 1, 2
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return requested
+
+
+@dataclass
+class ParallelOutput:
+    velocity: torch.Tensor  # (B, C, n_noisy, H, W): SDD prediction for noisy chunks first_noisy..F
+    cond: Optional[torch.Tensor]  # (B, F, L, dim): c_1..c_F after the projection (None when F = 0)
+    first_noisy: int  # 0 when the first frame is trained too, else 1
+
+
+class GreedyDistillStudent(nn.Module):
+    def __init__(self, cfg: DictConfig, transformer: nn.Module, device: torch.device | str = "cpu"):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.cfg = cfg
+        self.window = int(cfg.student.etm_window)
+        self.device_ = torch.device(device)
+        transformer = transformer.to(self.device_)
+        transformer.requires_grad_(False)
+        lora = {name: cfg.student[f"{name}_lora"] for name in ADAPTERS}
+        self.peft = get_peft_model(transformer, _lora_config(LoraConfig, lora["etm"]), adapter_name="etm")
+        self.peft.add_adapter("sdd", _lora_config(LoraConfig, lora["sdd"]))
+        self.transformer = self.peft.base_model.model  # the diffusers module, LoRA layers injected
+        for name, p in self.transformer.named_parameters():
+            p.requires_grad_(".lora_" in name)
+
+        dim = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
+        # c_f enters the SDD through this projection; zero-initialised so that at step 0 the SDD is
+        # the teacher restricted to its context (DESIGN §2). The norm tames the raw block output.
+        self.cf_proj = nn.Sequential(nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, dim))
+        nn.init.zeros_(self.cf_proj[1].weight)
+        nn.init.zeros_(self.cf_proj[1].bias)
+        self.cf_proj.to(self.device_)
+
+        backend = resolve_backend(cfg.model.attention_backend, self.device_)
+        self.runner = WanPass(self.transformer, backend=backend)
+        self.runner.gradient_checkpointing = bool(cfg.student.gradient_checkpointing)
+        self.dim = dim
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, device: torch.device | str = "cpu") -> "GreedyDistillStudent":
+        return cls(cfg, load_transformer(cfg, dtype=torch_dtype(cfg)), device=device)
+
+    # ------------------------------------------------------------------------------------------
+    # Introspection
+    # ------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.patch_embedding.weight.dtype
+
+    def trainable_parameters(self, adapter: Optional[str] = None) -> list[nn.Parameter]:
+        """LoRA weights of one adapter (or both), plus the c_f projection when adapter is None/'sdd'."""
+        out = []
+        for name, p in self.transformer.named_parameters():
+            if ".lora_" in name and (adapter is None or f".{adapter}." in name):
+                out.append(p)
+        if adapter in (None, "sdd"):
+            out += list(self.cf_proj.parameters())
+        return out
+
+    def base_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.transformer.named_parameters() if ".lora_" not in n}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.runner.gradient_checkpointing = enabled
+
+    def tokens_per_chunk(self, height: int, width: int) -> int:
+        return self.runner.tokens_per_chunk(height, width)
+
+    # ------------------------------------------------------------------------------------------
+    # The teacher
+    # ------------------------------------------------------------------------------------------
+    def teacher_velocity(self, latents: torch.Tensor, timestep: torch.Tensor | float,
+                         prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Adapters off, full attention, frames numbered 0..F-1: exactly `WanTransformer3DModel`."""
+        B, _, n, H, W = self._check_latents(latents, "latents")
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=latents.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"timestep: expected a scalar or shape ({B},), got {tuple(t.shape)}")
+        positions = torch.arange(n, device=latents.device)
+        return self.runner(latents, t[:, None].expand(B, n), positions, prompt_embeds, adapter=None).velocity
+
+    # ------------------------------------------------------------------------------------------
+    # Stage 1: the parallel teacher-forced pass
+    # ------------------------------------------------------------------------------------------
+    def parallel_forward(self, clip: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor,
+                         prompt_embeds: torch.Tensor) -> ParallelOutput:
+        """clip: clean latents x_0..x_F (B, C, F+1, H, W); noisy: x_f^t for f = first_noisy..F
+        (B, C, n_noisy, H, W); sigmas: (B, n_noisy) flow times in [0, 1] of those chunks."""
+        B, C, N, H, W = self._check_latents(clip, "clip")
+        F_ = N - 1
+        first_noisy = N - noisy.shape[2]
+        if noisy.shape[:2] != (B, C) or noisy.shape[3:] != (H, W) or first_noisy not in (0, 1):
+            raise ValueError(f"noisy: expected (B={B}, C={C}, {N} or {N - 1}, {H}, {W}), got {tuple(noisy.shape)}")
+        if sigmas.shape != (B, noisy.shape[2]):
+            raise ValueError(f"sigmas: expected ({B}, {noisy.shape[2]}), got {tuple(sigmas.shape)}")
+        L = self.tokens_per_chunk(H, W)
+        dev = clip.device
+
+        cond = None
+        if F_ >= 1:
+            # ETM over clean x_0..x_{F-1} at t = 0 with the sliding window mask of Eq. (1).
+            etm = self.runner(
+                clip[:, :, :F_], torch.zeros(B, F_, device=dev), torch.arange(F_, device=dev), prompt_embeds,
+                adapter="etm", mask=ChunkMask(sliding_window_visibility(F_, self.window, dev), L),
+                want_velocity=False, want_hidden=True)
+            cond = self.cf_proj(etm.hidden).unflatten(1, (F_, L))  # c_f = chunk f-1's hidden state
+
+        # SDD over [clean x_0..x_{F-1} ; noisy x_first..x_F] with the block mask.
+        n_noisy = noisy.shape[2]
+        latents = torch.cat([clip[:, :, :F_], noisy.to(clip.dtype)], dim=2)
+        timesteps = torch.cat([torch.zeros(B, F_, device=dev), sigmas.to(dev).float() * 1000.0], dim=1)
+        positions = torch.tensor([SDD_POS_FIRST] + [SDD_POS_PREV] * (F_ - 1), device=dev, dtype=torch.long)[:F_]
+        positions = torch.cat([positions, torch.full((n_noisy,), SDD_POS_NOISY, device=dev, dtype=torch.long)])
+        added = None
+        if cond is not None:  # noisy x_1..x_F get c_1..c_F; clean context and noisy x_0 get nothing
+            lead = torch.zeros(B, (F_ + 1 - first_noisy) * L, self.dim, device=dev, dtype=cond.dtype)
+            added = torch.cat([lead, cond.flatten(1, 2)], dim=1)
+        mask = ChunkMask(sdd_visibility(F_, first_noisy, n_noisy, dev), L)
+        out = self.runner(latents, timesteps, positions, prompt_embeds, adapter="sdd", mask=mask, added=added)
+        return ParallelOutput(velocity=out.velocity[:, :, F_:], cond=cond, first_noisy=first_noisy)
+
+    # ------------------------------------------------------------------------------------------
+    # Streaming (one chunk at a time, KV caches)
+    # ------------------------------------------------------------------------------------------
+    def new_caches(self, batch: int, height: int, width: int) -> tuple[KVCache, KVCache]:
+        """(ETM cache: w+1 chunk slots, ring; SDD cache: noisy, x_0, x_{f-1}) — allocated once."""
+        m = self.transformer.config
+        L = self.tokens_per_chunk(height, width)
+        mk = lambda slots: KVCache(m.num_layers, batch, slots, L, m.num_attention_heads, m.attention_head_dim,  # noqa: E731
+                                   self.dtype, self.device_)
+        return mk(self.window + 1), mk(3)
+
+    def etm_step(self, frame: torch.Tensor, index: int, cache: KVCache, text: torch.Tensor) -> torch.Tensor:
+        """Feed clean x_index (B, C, 1, H, W); returns c_{index+1} as (B, L, dim), projected."""
+        B, _, _, H, W = frame.shape
+        slots = self.window + 1
+        base = max(0, index - self.window)  # oldest chunk still in the window
+        n_read = min(index + 1, slots)
+        slot_chunk = [c for c in range(base, index + 1)]  # chunks held after this write
+        key_pos = torch.empty(n_read, dtype=torch.long)
+        for c in slot_chunk:
+            key_pos[c % slots] = c - base
+        out = self.runner(
+            frame, torch.zeros(B, 1, device=frame.device), torch.tensor([index - base], device=frame.device), text, adapter="etm",
+            cache_ops=CacheOps(cache, write_slot=index % slots, read_first=0, read_slots=n_read),
+            key_positions=key_pos, want_velocity=False, want_hidden=True)
+        return self.cf_proj(out.hidden)
+
+    def sdd_context_step(self, frame: torch.Tensor, index: int, cache: KVCache, text: torch.Tensor) -> None:
+        """Run clean x_index through the SDD at t = 0 and keep its K/V (as x_0, or as x_{f-1})."""
+        B = frame.shape[0]
+        slot, pos = (SDD_SLOT_FIRST, SDD_POS_FIRST) if index == 0 else (SDD_SLOT_PREV, SDD_POS_PREV)
+        self.runner(frame, torch.zeros(B, 1, device=frame.device), torch.tensor([pos], device=frame.device), text, adapter="sdd",
+                    cache_ops=CacheOps(cache, write_slot=slot, read_first=slot, read_slots=1),
+                    key_positions=torch.tensor([pos], device=frame.device), want_velocity=False)
+
+    def sdd_velocity_step(self, noisy: torch.Tensor, sigma: float, index: int, cond: Optional[torch.Tensor],
+                          cache: KVCache, text: torch.Tensor) -> torch.Tensor:
+        """SDD velocity for noisy x_index (B, C, 1, H, W) at flow time sigma, given cached context."""
+        B = noisy.shape[0]
+        n_read = 1 if index == 0 else (2 if index == 1 else 3)
+        key_pos = torch.tensor([SDD_POS_NOISY, SDD_POS_FIRST, SDD_POS_PREV][:n_read])
+        t = torch.full((B, 1), float(sigma) * 1000.0, device=noisy.device)
+        added = None if cond is None else cond
+        return self.runner(noisy, t, torch.tensor([SDD_POS_NOISY], device=noisy.device), text, adapter="sdd",
+                           cache_ops=CacheOps(cache, write_slot=SDD_SLOT_NOISY, read_first=0, read_slots=n_read),
+                           key_positions=key_pos, added=added).velocity
+
+    # Recompute (no cache): the same quantities from the whole history, for tests and benchmarks.
+    def etm_recompute(self, history: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """c_{n} from clean x_0..x_{n-1} (B, C, n, H, W) by a full sliding-window pass; (B, L, dim)."""
+        B, _, n, H, W = history.shape
+        L = self.tokens_per_chunk(H, W)
+        dev = history.device
+        out = self.runner(history, torch.zeros(B, n, device=dev), torch.arange(n, device=dev), text,
+                          adapter="etm", mask=ChunkMask(sliding_window_visibility(n, self.window, dev), L),
+                          want_velocity=False, want_hidden=True)
+        return self.cf_proj(out.hidden[:, -L:])
+
+    def sdd_recompute(self, first: Optional[torch.Tensor], prev: Optional[torch.Tensor], noisy: torch.Tensor,
+                      sigma: float, index: int, cond: Optional[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        """SDD velocity for noisy x_index from [clean x_0, clean x_{index-1}, noisy] in one masked pass."""
+        B, _, _, H, W = noisy.shape
+        L = self.tokens_per_chunk(H, W)
+        dev = noisy.device
+        context = [] if index == 0 else ([first] if index == 1 else [first, prev])
+        n_ctx = len(context)
+        latents = torch.cat(context + [noisy], dim=2)
+        positions = torch.tensor([SDD_POS_FIRST, SDD_POS_PREV][:n_ctx] + [SDD_POS_NOISY], device=dev)
+        timesteps = torch.cat([torch.zeros(B, n_ctx, device=dev), torch.full((B, 1), float(sigma) * 1000.0, device=dev)], 1)
+        vis = torch.eye(n_ctx + 1, dtype=torch.bool, device=dev)
+        vis[n_ctx, :] = True
+        added = None
+        if cond is not None:
+            lead = torch.zeros(B, n_ctx * L, self.dim, device=dev, dtype=cond.dtype)
+            added = torch.cat([lead, cond], dim=1)
+        out = self.runner(latents, timesteps, positions, text, adapter="sdd", mask=ChunkMask(vis, L), added=added)
+        return out.velocity[:, :, -1:]
+
+    # ------------------------------------------------------------------------------------------
+    def _check_latents(self, latents: torch.Tensor, name: str) -> tuple[int, int, int, int, int]:
+        c = self.transformer.config
+        if latents.ndim != 5 or latents.shape[1] != c.in_channels:
+            raise ValueError(f"{name}: expected latents (B, {c.in_channels}, F, H, W), got {tuple(latents.shape)}")
+        B, C, n, H, W = latents.shape
+        _, p_h, p_w = c.patch_size
+        if n < 1:
+            raise ValueError(f"{name}: expected at least 1 latent frame, got F={n}")
+        if H % p_h or W % p_w:
+            raise ValueError(f"{name}: H={H}, W={W} must be multiples of the patch size ({p_h}, {p_w})")
+        return B, C, n, H, W
+
+
+def _lora_config(cls, spec: DictConfig):
+    return cls(r=int(spec.rank), lora_alpha=int(spec.alpha), target_modules=list(spec.target_modules),
+               lora_dropout=float(spec.dropout), init_lora_weights=True)
+
