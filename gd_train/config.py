@@ -144,16 +144,79 @@ class GenerateConfig:
 
 
 @dataclass
+class PromptFilters:
+    min_aesthetic_score: Optional[float] = None
+    min_motion_score: Optional[float] = None
+    max_prompts: Optional[int] = None  # keep the first N valid rows (after the other filters)
+    dedupe_captions: bool = True
+
+
+@dataclass
+class DatagenConfig:
+    """Teacher-data generation (`data_pipeline/gen_teacher.py`)."""
+
+    samples_per_shard: int = 8
+    num_workers: int = 1  # Ray actors, one per GPU on a GPU cluster
+    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: float = 1.0
+    max_attempts: int = 3  # per shard, then reported as failed
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    flow_shift: float = 3.0  # diffusers' Wan2.1 480p value
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    preview_fraction: float = 0.0  # fraction of samples that also get a preview mp4
+    filters: PromptFilters = field(default_factory=PromptFilters)
+
+
+@dataclass
+class DataConfig:
+    """The training-side shard reader (`gd_train.data.reader`)."""
+
+    shards: str = "runs/data/shards"  # a folder of shard-*.tar (with manifest.json) or a brace pattern
+    num_workers: int = 2  # dataloader workers per rank
+    shuffle_buffer: int = 64
+    resampled: bool = False  # True: sample shards with replacement, fixed steps per epoch on every rank
+
+
+@dataclass
+class TrainConfig:
+    """The DeepSpeed loop shared by stage 1 and stage 2 (`gd_train.train`)."""
+
+    stage: str = "stage1"  # stage1 | stage2
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (None: run all epochs)
+    global_batch_size: int = 4
+    micro_batch_size: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    checkpoint_every: int = 100  # optimizer steps
+    keep_last: int = 3
+    log_every: int = 1
+    video_every: int = 0  # 0: no sample videos
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run aborts
+    init_from: Optional[str] = None  # stage 2: a stage-1 run folder or checkpoint
+
+
+@dataclass
 class Config:
     # Local folder in the Wan2.1-T2V-1.3B-Diffusers layout (transformer/, vae/, text_encoder/,
     # tokenizer/). None: the tiny random-weight model described by `model`.
     pretrained_path: Optional[str] = None
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # what a command writes: shards (datagen), the run folder (training)
+    prompts_csv: Optional[str] = None  # OpenVidHD-layout CSV of prompts (datagen)
     video: VideoConfig = field(default_factory=VideoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    datagen: DatagenConfig = field(default_factory=DatagenConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------------------------------
