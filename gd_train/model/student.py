@@ -13,6 +13,7 @@ Token layouts, masks and positions are those documented in `gd_train.model.atten
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -24,6 +25,8 @@ from gd_train.model.backbone import load_transformer, torch_dtype
 from gd_train.model.forward import WanPass
 
 ADAPTERS = ("etm", "sdd")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CF_PROJ_WEIGHTS = "cf_proj.safetensors"
 
 # Fixed RoPE frame positions of the SDD's context (see attention.py's module docstring).
 SDD_POS_FIRST, SDD_POS_PREV, SDD_POS_NOISY = 0, 1, 2
@@ -103,6 +106,59 @@ class GreedyDistillStudent(nn.Module):
 
     def tokens_per_chunk(self, height: int, width: int) -> int:
         return self.runner.tokens_per_chunk(height, width)
+
+    # ------------------------------------------------------------------------------------------
+    # Adapters on disk (PEFT's own format: loadable with plain `peft` on a plain diffusers model)
+    # ------------------------------------------------------------------------------------------
+    def save_adapters(self, folder: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        """Write `folder/etm/`, `folder/sdd/` (adapter_model.safetensors + adapter_config.json) and
+        `folder/cf_proj.safetensors`. `state_dict`: full student weights when the live parameters are
+        not the source of truth (e.g. gathered from ZeRO-3 shards)."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        live = state_dict if state_dict is not None else self.state_dict()
+        peft_sd = {k[len("peft."):]: v for k, v in live.items() if k.startswith("peft.")}
+        for name in ADAPTERS:
+            weights = get_peft_model_state_dict(self.peft, state_dict=peft_sd, adapter_name=name)
+            sub = folder / name
+            sub.mkdir(exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(sub / ADAPTER_WEIGHTS))
+            self.peft.peft_config[name].save_pretrained(str(sub))
+        cf = {k[len("cf_proj."):]: v.detach().contiguous().cpu() for k, v in live.items() if k.startswith("cf_proj.")}
+        save_file(cf, str(folder / CF_PROJ_WEIGHTS))
+        return folder
+
+    def load_adapters(self, folder: str | Path) -> None:
+        """Load what `save_adapters` wrote; a missing file or a rank/target mismatch is one clear line."""
+        import json
+
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        expected = f"{folder}/{{etm,sdd}}/{ADAPTER_WEIGHTS} + adapter_config.json and {folder}/{CF_PROJ_WEIGHTS}"
+        for name in ADAPTERS:
+            sub = folder / name
+            if not (sub / ADAPTER_WEIGHTS).is_file() or not (sub / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"adapters folder {folder}: missing {name}/ files; expected {expected}")
+            saved = json.loads((sub / "adapter_config.json").read_text())
+            ours = self.peft.peft_config[name]
+            if int(saved.get("r", -1)) != ours.r or set(saved.get("target_modules") or []) != set(ours.target_modules):
+                raise ValueError(f"adapters folder {folder}: {name} has rank {saved.get('r')} on "
+                                 f"{sorted(saved.get('target_modules') or [])}, the config asks rank {ours.r} on "
+                                 f"{sorted(ours.target_modules)} (set student.{name}_lora to match)")
+            result = set_peft_model_state_dict(self.peft, load_file(str(sub / ADAPTER_WEIGHTS)), adapter_name=name)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"adapters folder {folder}: {name} holds unexpected weights "
+                                 f"{result.unexpected_keys[:3]}")
+        if not (folder / CF_PROJ_WEIGHTS).is_file():
+            raise FileNotFoundError(f"adapters folder {folder}: missing {CF_PROJ_WEIGHTS}; expected {expected}")
+        self.cf_proj.load_state_dict(load_file(str(folder / CF_PROJ_WEIGHTS)))
+        for p in self.trainable_parameters():  # loading must not freeze what trains
+            p.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------
     # The teacher
