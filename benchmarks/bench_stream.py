@@ -1,0 +1,145 @@
+"""Linear cost of streaming (DESIGN §3.4): time and peak memory per generated chunk versus F.
+
+For each model size and latent frame count F it measures
+  (a) stream    — the student with KV caches (Algorithm 1),
+  (b) recompute — the student without caches (ETM over the whole history every chunk),
+  (c) teacher   — the bidirectional teacher denoising all F frames with the same step count,
+and prints seconds per chunk, peak memory, and the ratios that matter: (a) at the largest F against
+(a) at the smallest, and (c) against (a). Every measurement runs in a fresh subprocess, so the peak
+RSS it reports (CPU) is its own; on CUDA it is `max_memory_allocated`.
+
+    python benchmarks/bench_stream.py                       # tiny + mid, F = 8..128, CPU
+    python benchmarks/bench_stream.py --sizes mid --frames 8,64 --modes stream,teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Model sizes: overrides on top of configs/model/tiny.yaml (same diffusers classes, random weights).
+SIZES = {
+    "tiny": [],
+    "mid": ["model.transformer.num_attention_heads=4", "model.transformer.attention_head_dim=64",
+            "model.transformer.ffn_dim=1024", "model.transformer.num_layers=4", "model.transformer.text_dim=32",
+            "video.height=128", "video.width=192"],
+}
+# (b) and (c) grow with F; past these sizes they take minutes per point on a 2-core CPU.
+LIMITS = {("mid", "recompute"): 32, ("mid", "teacher"): 64, ("tiny", "recompute"): 64}
+
+
+def measure(size: str, mode: str, frames: int, device: str, warmup: int) -> dict:
+    import torch
+
+    from gd_train.config import latent_shape, load_config
+    from gd_train.infer.stream import StreamingGenerator, StreamSettings
+    from gd_train.model.student import GreedyDistillStudent
+
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", SIZES[size])
+    torch.manual_seed(0)
+    student = GreedyDistillStudent.from_config(cfg, device=device)
+    text = torch.randn(1, 64, cfg.model.transformer.text_dim, device=device)
+    settings = StreamSettings.from_config(cfg, kv_cache=(mode == "stream"))
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def run_student(n: int) -> list[float]:
+        times, t0 = [], time.perf_counter()
+        for _ in StreamingGenerator(student, settings).stream(text, n, seed=0):
+            sync()
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
+        return times
+
+    def run_teacher(n: int) -> list[float]:
+        c, _, h, w = latent_shape(cfg, n)
+        x = torch.randn(1, c, n, h, w, device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for sigma, nxt in zip(settings.sigmas[:-1], settings.sigmas[1:]):
+                x = x + (nxt - sigma) * student.teacher_velocity(x, sigma * 1000.0, text)
+        sync()
+        return [(time.perf_counter() - t0) / n] * n  # all chunks come out together
+
+    run = run_teacher if mode == "teacher" else run_student
+    run(min(frames, warmup))  # warm-up (allocator, kernels, autotune) at a small size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = run(frames)
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB (Linux)
+    steady = times[len(times) // 2:] if mode != "teacher" else times
+    return {"size": size, "mode": mode, "F": frames, "s_per_chunk": sum(steady) / len(steady),
+            "last_chunk_s": times[-1], "total_s": sum(times), "peak_mb": peak_mb,
+            "growth_mb": peak_mb - base_rss / 1024 if not cuda else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="tiny,mid")
+    ap.add_argument("--frames", default="8,16,32,64,128")
+    ap.add_argument("--modes", default="stream,recompute,teacher")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # size,mode,F: run in this process
+    args = ap.parse_args()
+
+    if args.one:
+        size, mode, frames = args.one.split(",")
+        print(json.dumps(measure(size, mode, int(frames), args.device, args.warmup)))
+        return
+
+    rows = []
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for size in args.sizes.split(","):
+        for mode in args.modes.split(","):
+            for frames in (int(f) for f in args.frames.split(",")):
+                if frames > LIMITS.get((size, mode), 10**9):
+                    rows.append({"size": size, "mode": mode, "F": frames, "skipped": True})
+                    continue
+                out = subprocess.run([sys.executable, __file__, "--one", f"{size},{mode},{frames}",
+                                      "--device", args.device, "--warmup", str(args.warmup)],
+                                     capture_output=True, text=True, env=env, check=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"{size:5s} {mode:9s} F={frames:4d}  {r['s_per_chunk'] * 1e3:9.2f} ms/chunk  "
+                      f"peak {r['peak_mb']:8.1f} MB", file=sys.stderr, flush=True)
+
+    print("\n| size | mode | F | ms / chunk | peak memory (MB) | growth during the run (MB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if r.get("skipped"):
+            print(f"| {r['size']} | {r['mode']} | {r['F']} | not run (grows with F; too slow here) | | |")
+        else:
+            growth = "" if r["growth_mb"] is None else f"{r['growth_mb']:.1f}"
+            print(f"| {r['size']} | {r['mode']} | {r['F']} | {r['s_per_chunk'] * 1e3:.2f} | {r['peak_mb']:.0f} | {growth} |")
+    print()
+    for size in args.sizes.split(","):
+        got = {(r["mode"], r["F"]): r for r in rows if r["size"] == size and not r.get("skipped")}
+        fs = sorted(f for m, f in got if m == "stream")
+        if len(fs) >= 2:
+            a, b = got[("stream", fs[0])], got[("stream", fs[-1])]
+            print(f"{size}: stream ms/chunk F={fs[-1]} / F={fs[0]} = {b['s_per_chunk'] / a['s_per_chunk']:.3f}; "
+                  f"peak memory {a['peak_mb']:.0f} -> {b['peak_mb']:.0f} MB")
+        for f in fs:
+            for other in ("recompute", "teacher"):
+                if (other, f) in got:
+                    print(f"{size}: F={f} {other} / stream per chunk = "
+                          f"{got[(other, f)]['s_per_chunk'] / got[('stream', f)]['s_per_chunk']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
