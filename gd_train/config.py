@@ -180,26 +180,33 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The DeepSpeed loop shared by stage 1 and stage 2 (`gd_train.train`)."""
+    """The DeepSpeed loop shared by stage 1 and stage 2 (`gd_train.train`; docs/training.md)."""
 
-    stage: str = "stage1"  # stage1 | stage2
+    stage: Optional[str] = None  # stage1 | stage2; set by the command (`gd-train stage1|stage2`)
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps (None: run all epochs)
+    # global = micro x gradient accumulation x world size; a combination that does not divide is refused
     global_batch_size: int = 4
     micro_batch_size: int = 1
+    adapters: list[str] = field(default_factory=lambda: ["etm", "sdd"])  # the others stay frozen
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine
-    grad_clip: float = 1.0
-    zero_stage: int = 2
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio x lr at the last step)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0: no clipping
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 (default) or 3 (parameters sharded too)
     checkpoint_every: int = 100  # optimizer steps
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     log_every: int = 1
-    video_every: int = 0  # 0: no sample videos
+    video_every: int = 0  # 0: no sample videos in TensorBoard
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run aborts
-    init_from: Optional[str] = None  # stage 2: a stage-1 run folder or checkpoint
+    init_from: Optional[str] = None  # stage 2: a stage-1 run folder or checkpoint folder
+    teacher_guidance_scale: float = 5.0  # stage 2: CFG of the teacher score s_real (Wan's default)
+    rl_score_level: str = "next"  # stage 2: where mu is re-noised for scoring: next | uniform
+    trace: bool = False  # per-rank trace/rank-*.jsonl: sample keys, local loss, (f, t) per micro-step
 
 
 @dataclass
