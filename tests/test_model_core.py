@@ -48,7 +48,7 @@ def test_fresh_student_sdd_with_full_mask_is_the_teacher(tiny_cfg):
     assert torch.count_nonzero(cond) == 0
     with torch.no_grad():
         ref = plain(x, t[:, 0], text, return_dict=False)[0]
-        ours = student.runner(x, t, torch.arange(4), text, adapter="sdd", added=cond).velocity
+        ours = student.runner(x, t, list(range(4)), text, adapter="sdd", added=cond).velocity
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 

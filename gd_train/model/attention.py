@@ -21,8 +21,8 @@ streaming pass (window-relative indices) compute the same attention.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 def sliding_window_visibility(num_chunks: int, window: int, device=None) -> torch.Tensor:
     """Eq. (1) at chunk level: chunk i sees chunk j iff i - w <= j <= i.  (num_chunks, num_chunks) bool."""
-    i = torch.arange(num_chunks, device=device)[:, None]
-    j = torch.arange(num_chunks, device=device)[None, :]
-    return (j >= i - window) & (j <= i)
+    i = torch.arange(num_chunks)[:, None]
+    j = torch.arange(num_chunks)[None, :]
+    return ((j >= i - window) & (j <= i)).to(device)
 
 
 def sdd_visibility(num_context: int, first_noisy: int, num_noisy: int, device=None) -> torch.Tensor:
@@ -46,8 +46,8 @@ def sdd_visibility(num_context: int, first_noisy: int, num_noisy: int, device=No
     for it); noisy x_f sees clean x_0, clean x_{f-1} and itself; noisy x_0 (a = 0) sees only itself.
     """
     n = num_context + num_noisy
-    vis = torch.zeros(n, n, dtype=torch.bool, device=device)
-    ctx = torch.arange(num_context, device=device)
+    vis = torch.zeros(n, n, dtype=torch.bool)
+    ctx = torch.arange(num_context)
     vis[ctx, ctx] = True
     for k in range(num_noisy):
         f = first_noisy + k
@@ -56,24 +56,43 @@ def sdd_visibility(num_context: int, first_noisy: int, num_noisy: int, device=No
         if f >= 1:
             vis[q, 0] = True
             vis[q, f - 1] = True
-    return vis
+    return vis.to(device)
 
 
-@dataclass(frozen=True)
 class ChunkMask:
-    """Which query chunk sees which key chunk; every chunk holds `tokens_per_chunk` tokens."""
+    """Which query chunk sees which key chunk; every chunk holds `tokens_per_chunk` tokens. The dense
+    and flex forms are built on first use and kept, so a mask obtained from `etm_mask`/`sdd_mask`
+    (cached by layout) is built once per process, not once per step."""
 
-    visible: torch.Tensor  # (q_chunks, k_chunks) bool
-    tokens_per_chunk: int
+    def __init__(self, visible: torch.Tensor, tokens_per_chunk: int):
+        self.visible = visible  # (q_chunks, k_chunks) bool
+        self.tokens_per_chunk = tokens_per_chunk
+        self._dense: Optional[torch.Tensor] = None
+        self._block = None
 
     def dense(self) -> torch.Tensor:
         """(q_tokens, k_tokens) bool mask for SDPA (True = attend)."""
-        L = self.tokens_per_chunk
-        return self.visible.repeat_interleave(L, dim=0).repeat_interleave(L, dim=1)
+        if self._dense is None:
+            L = self.tokens_per_chunk
+            self._dense = self.visible.repeat_interleave(L, dim=0).repeat_interleave(L, dim=1)
+        return self._dense
 
     def block_mask(self):
-        """A flex-attention BlockMask with the same pattern (built once per mask, then reused)."""
-        return _flex_block_mask(self.visible, self.tokens_per_chunk)
+        """A flex-attention BlockMask with the same pattern."""
+        if self._block is None:
+            self._block = _flex_block_mask(self.visible, self.tokens_per_chunk)
+        return self._block
+
+
+@functools.lru_cache(maxsize=32)
+def etm_mask(num_chunks: int, window: int, tokens_per_chunk: int, device: torch.device) -> ChunkMask:
+    return ChunkMask(sliding_window_visibility(num_chunks, window, device), tokens_per_chunk)
+
+
+@functools.lru_cache(maxsize=32)
+def sdd_mask(num_context: int, first_noisy: int, num_noisy: int, tokens_per_chunk: int,
+             device: torch.device) -> ChunkMask:
+    return ChunkMask(sdd_visibility(num_context, first_noisy, num_noisy, device), tokens_per_chunk)
 
 
 def _flex_block_mask(visible: torch.Tensor, tokens_per_chunk: int):
@@ -101,20 +120,22 @@ def eq1_reference(i: int, j: int, k: int, w: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def rope_at_frames(rope: torch.nn.Module, frame_positions: torch.Tensor, grid_hw: tuple[int, int]):
+def rope_at_frames(rope: torch.nn.Module, frame_positions: Sequence[int], grid_hw: tuple[int, int]):
     """(cos, sin) of shape (1, n*h*w, 1, head_dim) for chunks at the given frame positions.
 
     Same tables and layout as `WanRotaryPosEmbed.forward`, which can only number frames 0..n-1.
+    Positions are host integers (known without a device sync).
     """
     pph, ppw = grid_hw
-    n = frame_positions.numel()
-    if int(frame_positions.max()) >= rope.max_seq_len or int(frame_positions.min()) < 0:
-        raise ValueError(f"RoPE frame position out of range [0, {rope.max_seq_len}): {frame_positions.tolist()}")
+    n = len(frame_positions)
+    if max(frame_positions) >= rope.max_seq_len or min(frame_positions) < 0:
+        raise ValueError(f"RoPE frame position out of range [0, {rope.max_seq_len}): {list(frame_positions)}")
     split = [rope.t_dim, rope.h_dim, rope.w_dim]
+    index = torch.tensor(list(frame_positions), device=rope.freqs_cos.device)
     out = []
     for table in (rope.freqs_cos, rope.freqs_sin):
         t_tab, h_tab, w_tab = table.split(split, dim=1)
-        t = t_tab[frame_positions.to(t_tab.device)].view(n, 1, 1, -1).expand(n, pph, ppw, -1)
+        t = t_tab[index].view(n, 1, 1, -1).expand(n, pph, ppw, -1)
         h = h_tab[:pph].view(1, pph, 1, -1).expand(n, pph, ppw, -1)
         w = w_tab[:ppw].view(1, 1, ppw, -1).expand(n, pph, ppw, -1)
         out.append(torch.cat([t, h, w], dim=-1).reshape(1, n * pph * ppw, 1, -1))
@@ -190,18 +211,6 @@ class AttnState:
     mask: Optional[ChunkMask] = None  # None: every query sees every key
     cache_ops: Optional[CacheOps] = None
     backend: str = "sdpa"  # sdpa | flex
-    _dense: Optional[torch.Tensor] = field(default=None, repr=False)
-    _block: object = field(default=None, repr=False)
-
-    def dense_mask(self) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = self.mask.dense()
-        return self._dense
-
-    def flex_mask(self):
-        if self._block is None:
-            self._block = self.mask.block_mask()
-        return self._block
 
 
 @functools.lru_cache(maxsize=1)
@@ -218,9 +227,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttnState) 
     if state.mask is None:
         out = F.scaled_dot_product_attention(q, k, v)
     elif state.backend == "flex":
-        out = _compiled_flex()(q, k, v, block_mask=state.flex_mask())
+        out = _compiled_flex()(q, k, v, block_mask=state.mask.block_mask())
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.dense_mask())
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.mask.dense())
     return out.transpose(1, 2)
 
 

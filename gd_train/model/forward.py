@@ -10,7 +10,7 @@ and a test holds it to bit-parity with `forward` (DESIGN §3.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +34,7 @@ class WanPass:
         self.backend = backend
         self.gradient_checkpointing = False
         self.patch = tuple(transformer.config.patch_size)
+        self._rope_cache: dict = {}
         for i, block in enumerate(transformer.blocks):
             block.attn1.set_processor(StudentAttnProcessor(i))
         self._lora_layers = [[m for m in block.modules() if isinstance(m, BaseTunerLayer)]
@@ -46,14 +47,14 @@ class WanPass:
     def __call__(
         self,
         latents: torch.Tensor,  # (B, C, n, H, W): n chunks, one latent frame each
-        timesteps: torch.Tensor,  # (B, n) model timesteps in [0, 1000], one per chunk
-        frame_positions: torch.Tensor,  # (n,) RoPE frame index of each chunk
+        timesteps: torch.Tensor,  # (B,) one per sample, or (B, n) one per chunk; values in [0, 1000]
+        frame_positions: Sequence[int],  # RoPE frame index of each of the n chunks
         text: torch.Tensor,  # (B, T, text_dim) prompt embeddings
         *,
         adapter: Optional[str],  # "etm", "sdd" or None (adapters off: the teacher)
         mask: Optional[ChunkMask] = None,
         cache_ops: Optional[CacheOps] = None,
-        key_positions: Optional[torch.Tensor] = None,  # (slots,) frame index of each cache slot read
+        key_positions: Optional[Sequence[int]] = None,  # frame index of each cache slot read
         added: Optional[torch.Tensor] = None,  # (B, n*L, dim) added after patch embedding (c_f)
         want_velocity: bool = True,
         want_hidden: bool = False,
@@ -72,8 +73,8 @@ class WanPass:
 
         temb, tproj, text_h = self._condition(timesteps, text, L)
 
-        q_rope = rope_at_frames(model.rope, frame_positions, grid)
-        k_rope = q_rope if key_positions is None else rope_at_frames(model.rope, key_positions, grid)
+        q_rope = self._rope(frame_positions, grid)
+        k_rope = q_rope if key_positions is None else self._rope(key_positions, grid)
         state = AttnState(q_rope=q_rope, k_rope=k_rope, mask=mask, cache_ops=cache_ops, backend=self.backend)
 
         for i in range(len(model.blocks)):
@@ -91,12 +92,25 @@ class WanPass:
         return PassOutput(velocity=velocity, hidden=hidden)
 
     # ----------------------------------------------------------------------------------------------
+    def _rope(self, positions: Sequence[int], grid: tuple[int, int]):
+        """RoPE tables by (positions, grid): streaming reuses a handful, so they are built once."""
+        key = (tuple(int(p) for p in positions), grid)
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            tables = rope_at_frames(self.model.rope, key[0], grid)
+            if len(self._rope_cache) < 256:
+                self._rope_cache[key] = tables
+        return tables
+
     def _condition(self, timesteps: torch.Tensor, text: torch.Tensor, tokens_per_chunk: int):
-        """Time and text conditioning; one timestep per sample when all chunks share it (Wan2.1's own
-        path), else one per token (the path diffusers uses for Wan2.2 TI2V)."""
+        """Time and text conditioning: one timestep per sample (Wan2.1's own path), or one per chunk,
+        broadcast to its tokens (the path diffusers uses for Wan2.2 TI2V). Decided by shape, not by
+        value, so that no device sync is needed."""
         emb = self.model.condition_embedder
-        if bool((timesteps == timesteps[:, :1]).all()):
-            temb, tproj, text_h, _ = emb(timesteps[:, 0], text, None)
+        if timesteps.ndim == 2 and timesteps.shape[1] == 1:
+            timesteps = timesteps[:, 0]
+        if timesteps.ndim == 1:
+            temb, tproj, text_h, _ = emb(timesteps, text, None)
             return temb, tproj.unflatten(1, (6, -1)), text_h
         n = timesteps.shape[1]
         temb, tproj, text_h, _ = emb(timesteps.flatten(), text, None, timestep_seq_len=n)

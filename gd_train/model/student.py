@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from gd_train.model.attention import CacheOps, ChunkMask, KVCache, sdd_visibility, sliding_window_visibility
+from gd_train.model.attention import CacheOps, ChunkMask, KVCache, etm_mask, sdd_mask
 from gd_train.model.backbone import load_transformer, torch_dtype
 from gd_train.model.forward import WanPass
 
@@ -172,8 +172,8 @@ class GreedyDistillStudent(nn.Module):
             t = t.expand(B)
         if t.shape != (B,):
             raise ValueError(f"timestep: expected a scalar or shape ({B},), got {tuple(t.shape)}")
-        positions = torch.arange(n, device=latents.device)
-        return self.runner(latents, t[:, None].expand(B, n), positions, prompt_embeds, adapter=None).velocity
+        positions = list(range(n))
+        return self.runner(latents, t, positions, prompt_embeds, adapter=None).velocity
 
     # ------------------------------------------------------------------------------------------
     # Stage 1: the parallel teacher-forced pass
@@ -196,8 +196,8 @@ class GreedyDistillStudent(nn.Module):
         if F_ >= 1:
             # ETM over clean x_0..x_{F-1} at t = 0 with the sliding window mask of Eq. (1).
             etm = self.runner(
-                clip[:, :, :F_], torch.zeros(B, F_, device=dev), torch.arange(F_, device=dev), prompt_embeds,
-                adapter="etm", mask=ChunkMask(sliding_window_visibility(F_, self.window, dev), L),
+                clip[:, :, :F_], torch.zeros(B, F_, device=dev), list(range(F_)), prompt_embeds,
+                adapter="etm", mask=etm_mask(F_, self.window, L, dev),
                 want_velocity=False, want_hidden=True)
             cond = self.cf_proj(etm.hidden).unflatten(1, (F_, L))  # c_f = chunk f-1's hidden state
 
@@ -205,13 +205,12 @@ class GreedyDistillStudent(nn.Module):
         n_noisy = noisy.shape[2]
         latents = torch.cat([clip[:, :, :F_], noisy.to(clip.dtype)], dim=2)
         timesteps = torch.cat([torch.zeros(B, F_, device=dev), sigmas.to(dev).float() * 1000.0], dim=1)
-        positions = torch.tensor([SDD_POS_FIRST] + [SDD_POS_PREV] * (F_ - 1), device=dev, dtype=torch.long)[:F_]
-        positions = torch.cat([positions, torch.full((n_noisy,), SDD_POS_NOISY, device=dev, dtype=torch.long)])
+        positions = ([SDD_POS_FIRST] + [SDD_POS_PREV] * (F_ - 1))[:F_] + [SDD_POS_NOISY] * n_noisy
         added = None
         if cond is not None:  # noisy x_1..x_F get c_1..c_F; clean context and noisy x_0 get nothing
             lead = torch.zeros(B, (F_ + 1 - first_noisy) * L, self.dim, device=dev, dtype=cond.dtype)
             added = torch.cat([lead, cond.flatten(1, 2)], dim=1)
-        mask = ChunkMask(sdd_visibility(F_, first_noisy, n_noisy, dev), L)
+        mask = sdd_mask(F_, first_noisy, n_noisy, L, dev)
         out = self.runner(latents, timesteps, positions, prompt_embeds, adapter="sdd", mask=mask, added=added)
         return ParallelOutput(velocity=out.velocity[:, :, F_:], cond=cond, first_noisy=first_noisy)
 
@@ -232,12 +231,11 @@ class GreedyDistillStudent(nn.Module):
         slots = self.window + 1
         base = max(0, index - self.window)  # oldest chunk still in the window
         n_read = min(index + 1, slots)
-        slot_chunk = [c for c in range(base, index + 1)]  # chunks held after this write
-        key_pos = torch.empty(n_read, dtype=torch.long)
-        for c in slot_chunk:
+        key_pos = [0] * n_read  # window-relative position of the chunk each slot holds after this write
+        for c in range(base, index + 1):
             key_pos[c % slots] = c - base
         out = self.runner(
-            frame, torch.zeros(B, 1, device=frame.device), torch.tensor([index - base], device=frame.device), text, adapter="etm",
+            frame, torch.zeros(B, 1, device=frame.device), [index - base], text, adapter="etm",
             cache_ops=CacheOps(cache, write_slot=index % slots, read_first=0, read_slots=n_read),
             key_positions=key_pos, want_velocity=False, want_hidden=True)
         return self.cf_proj(out.hidden)
@@ -246,19 +244,19 @@ class GreedyDistillStudent(nn.Module):
         """Run clean x_index through the SDD at t = 0 and keep its K/V (as x_0, or as x_{f-1})."""
         B = frame.shape[0]
         slot, pos = (SDD_SLOT_FIRST, SDD_POS_FIRST) if index == 0 else (SDD_SLOT_PREV, SDD_POS_PREV)
-        self.runner(frame, torch.zeros(B, 1, device=frame.device), torch.tensor([pos], device=frame.device), text, adapter="sdd",
+        self.runner(frame, torch.zeros(B, 1, device=frame.device), [pos], text, adapter="sdd",
                     cache_ops=CacheOps(cache, write_slot=slot, read_first=slot, read_slots=1),
-                    key_positions=torch.tensor([pos], device=frame.device), want_velocity=False)
+                    key_positions=[pos], want_velocity=False)
 
     def sdd_velocity_step(self, noisy: torch.Tensor, sigma: float, index: int, cond: Optional[torch.Tensor],
                           cache: KVCache, text: torch.Tensor) -> torch.Tensor:
         """SDD velocity for noisy x_index (B, C, 1, H, W) at flow time sigma, given cached context."""
         B = noisy.shape[0]
         n_read = 1 if index == 0 else (2 if index == 1 else 3)
-        key_pos = torch.tensor([SDD_POS_NOISY, SDD_POS_FIRST, SDD_POS_PREV][:n_read])
+        key_pos = [SDD_POS_NOISY, SDD_POS_FIRST, SDD_POS_PREV][:n_read]
         t = torch.full((B, 1), float(sigma) * 1000.0, device=noisy.device)
         added = None if cond is None else cond
-        return self.runner(noisy, t, torch.tensor([SDD_POS_NOISY], device=noisy.device), text, adapter="sdd",
+        return self.runner(noisy, t, [SDD_POS_NOISY], text, adapter="sdd",
                            cache_ops=CacheOps(cache, write_slot=SDD_SLOT_NOISY, read_first=0, read_slots=n_read),
                            key_positions=key_pos, added=added).velocity
 
@@ -268,8 +266,8 @@ class GreedyDistillStudent(nn.Module):
         B, _, n, H, W = history.shape
         L = self.tokens_per_chunk(H, W)
         dev = history.device
-        out = self.runner(history, torch.zeros(B, n, device=dev), torch.arange(n, device=dev), text,
-                          adapter="etm", mask=ChunkMask(sliding_window_visibility(n, self.window, dev), L),
+        out = self.runner(history, torch.zeros(B, n, device=dev), list(range(n)), text,
+                          adapter="etm", mask=etm_mask(n, self.window, L, dev),
                           want_velocity=False, want_hidden=True)
         return self.cf_proj(out.hidden[:, -L:])
 
@@ -282,15 +280,15 @@ class GreedyDistillStudent(nn.Module):
         context = [] if index == 0 else ([first] if index == 1 else [first, prev])
         n_ctx = len(context)
         latents = torch.cat(context + [noisy], dim=2)
-        positions = torch.tensor([SDD_POS_FIRST, SDD_POS_PREV][:n_ctx] + [SDD_POS_NOISY], device=dev)
+        positions = [SDD_POS_FIRST, SDD_POS_PREV][:n_ctx] + [SDD_POS_NOISY]
         timesteps = torch.cat([torch.zeros(B, n_ctx, device=dev), torch.full((B, 1), float(sigma) * 1000.0, device=dev)], 1)
-        vis = torch.eye(n_ctx + 1, dtype=torch.bool, device=dev)
+        vis = torch.eye(n_ctx + 1, dtype=torch.bool)
         vis[n_ctx, :] = True
         added = None
         if cond is not None:
             lead = torch.zeros(B, n_ctx * L, self.dim, device=dev, dtype=cond.dtype)
             added = torch.cat([lead, cond], dim=1)
-        out = self.runner(latents, timesteps, positions, text, adapter="sdd", mask=ChunkMask(vis, L), added=added)
+        out = self.runner(latents, timesteps, positions, text, adapter="sdd", mask=ChunkMask(vis.to(dev), L), added=added)
         return out.velocity[:, :, -1:]
 
     # ------------------------------------------------------------------------------------------
