@@ -5,14 +5,23 @@ A shard is a WebDataset tar (`shard-000042.tar`). Each sample is two members sha
   returns them, and `prompt_embeds` (tokens, text_dim), unpadded — tensors never go through pickle;
 - `<key>.json`: caption, seed, source row, video name and the sampling settings used.
 Keys hold no dots (WebDataset splits member names at the first dot).
+
+A shard appears under its final name only when complete (`write_shard`: temporary name, fsync,
+rename — WebDataset's own writers write straight to the final name, so a crash would leave a
+truncated tar that looks whole). `manifest.json` beside the shards records each finished shard's
+sample count, size and checksums; the reader takes its epoch length from it without opening tars.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
-from dataclasses import dataclass
-from typing import Any
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import torch
 from safetensors.torch import load as st_load
@@ -21,6 +30,8 @@ from safetensors.torch import save as st_save
 SHARD_NAME = "shard-{index:06d}.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "gd-train/teacher-shards/v1"
+PARTIAL_SUFFIX = ".partial"
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -71,3 +82,137 @@ def decode_sample(raw: dict[str, Any]) -> TeacherSample:
     if "latents" not in tensors or "prompt_embeds" not in tensors:
         raise ShardFormatError(f"{source}: sample '{key}' lacks the 'latents' or 'prompt_embeds' tensor")
     return TeacherSample(key=key, latents=tensors["latents"], prompt_embeds=tensors["prompt_embeds"], meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole shards and the manifest
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardRecord:
+    """One finished shard, as the manifest records it."""
+
+    samples: int
+    bytes: int
+    sha256: str
+    keys_sha256: str  # digest of its sample keys in order: ties the file to its place in the plan
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[TeacherSample], *, attempt_tag: str) -> ShardRecord:
+    """Write `samples` to `path` so that `path` only ever exists complete.
+
+    The tar goes to `<name>.<attempt_tag>.partial` in the same folder (one name per attempt, so a
+    retried attempt never shares a file with a dead one), is fsynced, then renamed. Member times are
+    fixed so that equal samples give byte-identical shards. `samples` may be a generator: a process
+    that dies while it runs leaves only the `.partial` file behind.
+    """
+    import webdataset as wds
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{attempt_tag}{PARTIAL_SUFFIX}")
+    keys: list[str] = []
+    try:
+        with open(tmp, "wb") as fh:
+            with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
+                for sample in samples:
+                    writer.write(encode_sample(sample))
+                    keys.append(sample.key)
+            fh.flush()
+            os.fsync(fh.fileno())
+        record = ShardRecord(samples=len(keys), bytes=tmp.stat().st_size, sha256=file_sha256(tmp),
+                             keys_sha256=keys_digest(keys))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return record
+
+
+def count_samples(path: str | os.PathLike) -> int:
+    """Samples in a shard no manifest describes, from its tar headers (member data is seeked over).
+
+    Fails with `ShardFormatError` on a truncated tar: tarfile notices data cut short, and a tar cut at
+    a member boundary lacks the zero blocks every finished tar ends with.
+    """
+    path = Path(path)
+    try:
+        keys = []
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key = member.name.split(".", 1)[0]
+                if member.isreg() and (not keys or keys[-1] != key):
+                    keys.append(key)
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 2 * tarfile.BLOCKSIZE))
+            if fh.read() != bytes(2 * tarfile.BLOCKSIZE):
+                raise tarfile.ReadError("no end-of-archive blocks (written by a process that did not finish)")
+    except (tarfile.TarError, OSError) as exc:
+        raise ShardFormatError(f"{path}: unreadable tar ({exc})") from None
+    return len(keys)
+
+
+@dataclass
+class Manifest:
+    """`manifest.json`: what produced a folder of shards, and which of them are finished."""
+
+    settings: dict[str, Any]  # sampling settings and plan fingerprint; a rerun must match them
+    total_shards: int  # shards in the plan, finished or not
+    shards: dict[str, ShardRecord] = field(default_factory=dict)  # finished shards by file name
+
+    @property
+    def total_samples(self) -> int:
+        return sum(r.samples for r in self.shards.values())
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Optional["Manifest"]:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            shards = {}
+            for name, rec in data["shards"].items():
+                if not SHARD_RE.match(name):
+                    raise ValueError(f"shard name {name!r} does not match {SHARD_NAME!r}")
+                shards[name] = ShardRecord(**rec)
+            return cls(settings=data["settings"], total_shards=int(data["total_shards"]), shards=shards)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ShardFormatError(f"{path}: not a shard manifest ({type(exc).__name__}: {exc})") from None
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Atomically replace `manifest.json` (a reader never sees half of it)."""
+        path = Path(folder) / MANIFEST_NAME
+        data = {"format": MANIFEST_FORMAT, "settings": self.settings, "total_shards": self.total_shards,
+                "total_samples": self.total_samples,
+                "shards": {name: asdict(rec) for name, rec in sorted(self.shards.items())}}
+        tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (the directory entry itself must reach the disk)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,506 @@
+"""The training-side reader of teacher shards: equal steps on every rank, exact mid-epoch resume.
+
+An epoch is planned up front, identically on every rank, from the shard list and the sample count of
+each shard (read from `manifest.json`, or from tar headers when there is none):
+
+1. the shards are put in an order drawn from (seed, epoch) and their samples laid end to end;
+2. the stream is cut at a multiple of world_size x micro_batch_size — the few samples past it (fewer
+   than one global batch) are this epoch's dropped tail, reported in `stats` — so every rank gets the
+   same number of steps and no collective waits on a rank that ran dry;
+3. rank r takes the r-th contiguous span; within it, DataLoader worker w takes every W-th batch, read
+   from a contiguous sub-span (so each worker opens few shards);
+4. inside a worker, samples are shuffled within consecutive windows of `shuffle_buffer` samples, with
+   a generator seeded by (seed, epoch, rank, worker, window).
+
+Why our own assignment rather than `wds.split_by_node` / `split_by_worker` + `wds.shuffle`: those hand
+out whole shards round-robin (ranks with more shards run more steps, and a collective hangs) and keep
+their shuffle state inside the workers, so a position cannot be saved. Here every batch's content is a
+function of (seed, epoch, layout, batch index): the position is just (epoch, batches consumed), and
+resuming replays the plan from the window that holds the next batch. WebDataset still does the reading
+(`wds.tarfile_samples`), and `gd_train.data.shards` the decoding.
+
+`resampled=True` draws each worker's shards with replacement instead (same steps per epoch, no tail).
+
+Damage never stops training: a shard whose size disagrees with the manifest, or whose tar is cut short,
+is left out of the plan when the reader starts; a sample that cannot be decoded while reading (or a
+shard that ends early) is counted and its slot filled with another sample of the same window, so that
+batches stay full and step counts equal. Every event is logged once, on one line, and counted in `stats`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gd_train.config import ConfigError, latent_shape
+from gd_train.data.shards import (
+    SHARD_RE,
+    Manifest,
+    ShardFormatError,
+    TeacherSample,
+    count_samples,
+    decode_sample,
+)
+from gd_train.model.backbone import pad_prompt_embeds
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (B, 16, F, H, W) float32
+    prompt_embeds: torch.Tensor  # (B, max_text_tokens, text_dim) float32, zero-padded
+    keys: list[str]
+    captions: list[str]
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True) on CUDA machines
+        return Batch(self.latents.pin_memory(), self.prompt_embeds.pin_memory(), self.keys, self.captions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard discovery
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    samples: int
+
+
+def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
+    """Usable shards of a folder / brace pattern / glob, and why each other shard is left out."""
+    paths = _expand(spec)
+    if not paths:
+        raise ConfigError(f"key 'data.shards': '{spec}' names no shard-*.tar files "
+                          "(expected a folder written by data_pipeline/gen_teacher.py, or a brace/glob pattern)")
+    manifests: dict[str, Optional[Manifest]] = {}
+    usable: list[ShardInfo] = []
+    problems: dict[str, str] = {}
+    for path in paths:
+        folder = str(Path(path).parent)
+        if folder not in manifests:
+            manifests[folder] = Manifest.load(folder)
+        record = manifests[folder].shards.get(Path(path).name) if manifests[folder] else None
+        try:
+            if record is not None:
+                size = os.path.getsize(path)
+                if size != record.bytes:
+                    raise ShardFormatError(f"{path}: {size} bytes, the manifest says {record.bytes} (truncated or rewritten)")
+                samples = record.samples
+            else:
+                samples = count_samples(path)
+        except ShardFormatError as exc:
+            problems[path] = str(exc)
+            continue
+        except OSError as exc:
+            problems[path] = f"{path}: {exc.strerror or exc}"
+            continue
+        if samples > 0:
+            usable.append(ShardInfo(path=path, samples=samples))
+    return usable, problems
+
+
+def _expand(spec: str) -> list[str]:
+    if os.path.isdir(spec):
+        return sorted(str(p) for p in Path(spec).iterdir() if SHARD_RE.match(p.name))
+    import braceexpand  # webdataset's own dependency, the syntax its URLs use
+
+    found = set()
+    for pattern in braceexpand.braceexpand(spec):
+        found.update(glob.glob(pattern) if glob.has_magic(pattern) else [pattern] if os.path.isfile(pattern) else [])
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------------
+# The epoch plan (pure, identical on every rank)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of one shard, in stored order."""
+
+    path: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one logical DataLoader worker yields in an epoch."""
+
+    worker: int
+    pieces: tuple[Piece, ...]
+    num_batches: int
+    seed: int  # of this worker's window shuffles
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    steps: int
+    dropped_tail: int
+    workers: tuple[WorkerPlan, ...]
+
+
+def _derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from labelled parts (stable across processes and Python versions; `hash` is not)."""
+    text = "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def plan_epoch(shards: Sequence[ShardInfo], *, epoch: int, seed: int, rank: int, world_size: int,
+               num_workers: int, micro_batch_size: int, resampled: bool) -> EpochPlan:
+    total = sum(s.samples for s in shards)
+    global_batch = world_size * micro_batch_size
+    steps = total // global_batch
+    per_rank = steps * micro_batch_size
+    workers = max(1, num_workers)
+    batches = [len(range(w, steps, workers)) for w in range(workers)]  # worker w serves batches w, w+W, ...
+    plans = []
+    if resampled:
+        for w in range(workers):
+            wseed = _derive_seed("resample", seed, epoch, rank, w)
+            plans.append(WorkerPlan(w, _resampled_pieces(shards, batches[w] * micro_batch_size, wseed), batches[w],
+                                    _derive_seed("shuffle", seed, epoch, rank, w)))
+        return EpochPlan(steps=steps, dropped_tail=0, workers=tuple(plans))
+
+    order = list(shards)
+    random.Random(_derive_seed("shard-order", seed, epoch)).shuffle(order)
+    span_start = rank * per_rank
+    offset = span_start
+    for w in range(workers):
+        count = batches[w] * micro_batch_size
+        plans.append(WorkerPlan(w, _slice(order, offset, offset + count), batches[w],
+                                _derive_seed("shuffle", seed, epoch, rank, w)))
+        offset += count
+    return EpochPlan(steps=steps, dropped_tail=total - steps * global_batch, workers=tuple(plans))
+
+
+def _slice(order: Sequence[ShardInfo], begin: int, end: int) -> tuple[Piece, ...]:
+    """The pieces of shards that hold stream positions [begin, end) of the shards laid end to end."""
+    pieces, position = [], 0
+    for shard in order:
+        lo, hi = max(begin, position), min(end, position + shard.samples)
+        if lo < hi:
+            pieces.append(Piece(shard.path, lo - position, hi - position))
+        position += shard.samples
+        if position >= end:
+            break
+    return tuple(pieces)
+
+
+def _resampled_pieces(shards: Sequence[ShardInfo], count: int, seed: int) -> tuple[Piece, ...]:
+    rng, pieces = random.Random(seed), []
+    while count > 0:
+        shard = shards[rng.randrange(len(shards))]
+        take = min(count, shard.samples)
+        pieces.append(Piece(shard.path, 0, take))
+        count -= take
+    return tuple(pieces)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading inside a DataLoader worker
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Report:
+    """Events a worker met while preparing one batch (merged into `ShardReader.stats` by the loop)."""
+
+    corrupt_samples: int = 0
+    repeated_samples: int = 0
+    corrupt_shards: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Damage:
+    """A planned sample that could not be read."""
+
+    shard: str
+    message: str
+    shard_broken: bool  # the tar itself ended early (not just one undecodable sample)
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    plan: WorkerPlan
+    first_batch: int  # batches of this worker already consumed (resume)
+
+
+class _EpochDataset(IterableDataset):
+    """Yields (Batch, _Report) for the assignment of the DataLoader worker it runs in.
+
+    Loader worker i gets assignments[i]; the DataLoader's round-robin over workers then returns
+    batches in plan order (i = 0, 1, ..., W-1, 0, 1, ...), which is why assignments are rotated on
+    resume so that the worker owning the next batch comes first.
+    """
+
+    def __init__(self, assignments: Sequence[_Assignment], *, micro_batch_size: int, window_batches: int,
+                 shuffle: bool, max_text_tokens: int, expected_latent_shape: Optional[tuple[int, ...]],
+                 fallback: Sequence[ShardInfo]):
+        self.assignments = list(assignments)
+        self.micro_batch_size = micro_batch_size
+        self.window_batches = window_batches
+        self.shuffle = shuffle
+        self.max_text_tokens = max_text_tokens
+        self.expected_latent_shape = expected_latent_shape
+        self.fallback = list(fallback)
+
+    def __iter__(self) -> Iterator[tuple[Batch, _Report]]:
+        info = get_worker_info()
+        if info is None:  # num_workers = 0: one logical worker, in this process
+            assert len(self.assignments) == 1
+            yield from self._run(self.assignments[0])
+        else:
+            yield from self._run(self.assignments[info.id])
+
+    def _run(self, assignment: _Assignment) -> Iterator[tuple[Batch, _Report]]:
+        plan, B = assignment.plan, self.micro_batch_size
+        window_size = self.window_batches * B
+        first_window = assignment.first_batch // self.window_batches
+        stream = _SampleStream(plan.pieces, first_window * window_size, self.expected_latent_shape)
+        previous_good: list[TeacherSample] = []
+        for window in range(first_window, math.ceil(plan.num_batches / self.window_batches)):
+            batches_here = min(self.window_batches, plan.num_batches - window * self.window_batches)
+            report = _Report()
+            good = stream.take(batches_here * B, report)
+            if self.shuffle:
+                random.Random(_derive_seed(plan.seed, window)).shuffle(good)
+            slots = batches_here * B
+            if len(good) < slots:
+                donors = good or previous_good or self._any_readable_sample(report)
+                report.repeated_samples = slots - len(good)
+                report.messages.append(f"worker {plan.worker} window {window}: {slots - len(good)} unreadable "
+                                       f"sample(s) replaced by repeats of readable ones (keeps batches full)")
+                good = good + [donors[i % len(donors)] for i in range(slots - len(good))]
+            previous_good = good
+            skip = assignment.first_batch - window * self.window_batches if window == first_window else 0
+            if skip > 0:
+                report = _Report()  # the original run already counted this window's events
+            for b in range(skip, batches_here):
+                yield self._collate(good[b * B:(b + 1) * B]), report
+                report = _Report()
+
+    def _any_readable_sample(self, report: _Report) -> list[TeacherSample]:
+        """Rare: a whole window unreadable with nothing read before it. Borrow the first readable
+        sample of the epoch's shards; with none at all the data set is gone and we say so."""
+        for shard in self.fallback:
+            found = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self.expected_latent_shape).take(1, _Report())
+            if found:
+                return found
+        raise ShardFormatError(f"no readable sample in any of {len(self.fallback)} shard(s) "
+                               f"(first: {self.fallback[0].path if self.fallback else '-'})")
+
+    def _collate(self, samples: list[TeacherSample]) -> Batch:
+        return Batch(latents=torch.stack([s.latents.float() for s in samples]),
+                     prompt_embeds=pad_prompt_embeds([s.prompt_embeds.float() for s in samples], self.max_text_tokens),
+                     keys=[s.key for s in samples], captions=[s.caption for s in samples])
+
+
+class _SampleStream:
+    """A worker's planned samples in order, read with WebDataset one shard at a time."""
+
+    def __init__(self, pieces: Sequence[Piece], start_position: int, expected_latent_shape: Optional[tuple[int, ...]]):
+        self.expected_latent_shape = expected_latent_shape
+        self._items = self._iterate(pieces, start_position)
+
+    def take(self, count: int, report: _Report) -> list[TeacherSample]:
+        good = []
+        for _ in range(count):
+            item = next(self._items, None)
+            if item is None:
+                break
+            if isinstance(item, TeacherSample):
+                good.append(item)
+            else:
+                report.corrupt_samples += 1
+                report.messages.append(item.message)
+                if item.shard_broken and item.shard not in report.corrupt_shards:
+                    report.corrupt_shards.append(item.shard)
+        return good
+
+    def _iterate(self, pieces: Sequence[Piece], start_position: int) -> Iterator[TeacherSample | _Damage]:
+        position = 0
+        for piece in pieces:
+            size = piece.stop - piece.start
+            if position + size <= start_position:
+                position += size
+                continue
+            skip = max(0, start_position - position)
+            yield from self._read_piece(Piece(piece.path, piece.start + skip, piece.stop))
+            position += size
+
+    def _read_piece(self, piece: Piece) -> Iterator[TeacherSample | _Damage]:
+        import webdataset as wds
+
+        errors: list[str] = []
+
+        def note(exc: Exception) -> bool:  # WebDataset's handler protocol: True = carry on
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return True
+
+        index = 0
+        for raw in wds.tarfile_samples([{"url": piece.path}], handler=note):
+            if index >= piece.stop:
+                break
+            if index >= piece.start:
+                yield self._decode(raw)
+            index += 1
+        if index < piece.stop:
+            cause = errors[0] if errors else "tar ended"
+            for missing in range(max(index, piece.start), piece.stop):
+                yield _Damage(piece.path, f"{piece.path}: sample #{missing} missing, the shard ended after "
+                                          f"{index} ({cause})", shard_broken=True)
+
+    def _decode(self, raw: dict[str, Any]) -> TeacherSample | _Damage:
+        source = str(raw.get("__url__"))
+        try:
+            sample = decode_sample(raw)
+        except ShardFormatError as exc:
+            return _Damage(source, str(exc), shard_broken=False)
+        shape = tuple(sample.latents.shape)
+        if self.expected_latent_shape is not None and shape != self.expected_latent_shape:
+            return _Damage(source, f"{source}: sample '{sample.key}' has latents {shape}, expected "
+                                   f"{self.expected_latent_shape} (video settings differ from the config)", False)
+        return sample
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+# --------------------------------------------------------------------------------------------------
+# The reader
+# --------------------------------------------------------------------------------------------------
+class ShardReader:
+    """Batches of teacher samples for one rank; see the module docstring for the guarantees."""
+
+    def __init__(self, shards: str, *, rank: int, world_size: int, micro_batch_size: int, num_workers: int,
+                 seed: int, max_text_tokens: int, shuffle_buffer: int = 0, resampled: bool = False,
+                 expected_latent_shape: Optional[Sequence[int]] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if micro_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError(f"micro_batch_size >= 1, num_workers >= 0 and shuffle_buffer >= 0 expected, got "
+                             f"{micro_batch_size}, {num_workers}, {shuffle_buffer}")
+        self.spec, self.rank, self.world_size = shards, rank, world_size
+        self.micro_batch_size, self.num_workers, self.seed = micro_batch_size, num_workers, seed
+        self.max_text_tokens, self.shuffle_buffer, self.resampled = max_text_tokens, shuffle_buffer, resampled
+        self.expected_latent_shape = tuple(expected_latent_shape) if expected_latent_shape else None
+        # A window is a whole number of batches, so a resume point always falls on a batch boundary.
+        self.window_batches = max(1, math.ceil(shuffle_buffer / micro_batch_size))
+
+        self.shards, problems = discover_shards(shards)
+        for line in problems.values():
+            log.warning("skipping shard: %s", line)
+        self.samples_per_epoch = sum(s.samples for s in self.shards)
+        if self.samples_per_epoch < world_size * micro_batch_size:
+            raise ConfigError(
+                f"key 'data.shards': '{shards}' holds {self.samples_per_epoch} readable sample(s) in "
+                f"{len(self.shards)} shard(s), fewer than world_size x micro_batch_size = "
+                f"{world_size * micro_batch_size}: not one step is possible")
+        self._epoch, self._consumed = 0, 0
+        self._corrupt_shards: set[str] = set(problems)
+        self._counters = {"corrupt_samples": 0, "repeated_samples": 0}
+
+    @classmethod
+    def from_config(cls, cfg, *, rank: int, world_size: int) -> "ShardReader":
+        expected = latent_shape(cfg)
+        manifest = Manifest.load(cfg.data.shards) if os.path.isdir(cfg.data.shards) else None
+        stored = manifest.settings.get("latent_shape") if manifest else None
+        if stored is not None and tuple(stored) != tuple(expected):
+            raise ConfigError(f"key 'data.shards': shards in '{cfg.data.shards}' hold latents {tuple(stored)}, "
+                              f"the config's video settings give {tuple(expected)}")
+        return cls(cfg.data.shards, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
+                   num_workers=cfg.data.num_workers, seed=cfg.seed, max_text_tokens=cfg.model.max_text_tokens,
+                   shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+                   expected_latent_shape=expected)
+
+    # ----------------------------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        """Identical on every rank: computed from the shard list, never from what a rank has read."""
+        return self.samples_per_epoch // (self.world_size * self.micro_batch_size)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                          num_workers=self.num_workers, micro_batch_size=self.micro_batch_size,
+                          resampled=self.resampled)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's batches of `epoch`, continuing after a restored position of that epoch."""
+        start = self._consumed if epoch == self._epoch else 0
+        self._epoch, self._consumed = epoch, start
+        plan = self.plan(epoch)
+        if start >= plan.steps:
+            return
+        workers = len(plan.workers)
+        # Plan batch j is served by worker j % W; the first loader worker must own batch `start`.
+        assignments = [_Assignment(plan.workers[(start + i) % workers],
+                                   first_batch=len(range((start + i) % workers, start, workers)))
+                       for i in range(workers)]
+        dataset = _EpochDataset(assignments, micro_batch_size=self.micro_batch_size,
+                                window_batches=self.window_batches, shuffle=self.shuffle_buffer > 0,
+                                max_text_tokens=self.max_text_tokens,
+                                expected_latent_shape=self.expected_latent_shape, fallback=self.shards)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            pin_memory=torch.cuda.is_available())
+        for batch, report in loader:
+            self._absorb(report)
+            self._consumed += 1  # counted before the hand-over: a checkpoint taken after it resumes past it
+            yield batch
+        if self._consumed != plan.steps:  # the plan guarantees this; a mismatch is a bug, not bad data
+            raise RuntimeError(f"rank {self.rank}: epoch {epoch} gave {self._consumed} batches, planned {plan.steps}")
+
+    def _absorb(self, report: _Report) -> None:
+        self._counters["corrupt_samples"] += report.corrupt_samples
+        self._counters["repeated_samples"] += report.repeated_samples
+        self._corrupt_shards.update(report.corrupt_shards)
+        for line in report.messages:
+            log.warning("rank %d: %s", self.rank, line)
+
+    # ----------------------------------------------------------------------------------------------
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "num_workers": max(1, self.num_workers),
+                "micro_batch_size": self.micro_batch_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
+                "resampled": self.resampled,
+                "shards": hashlib.sha256(repr([(Path(s.path).name, s.samples) for s in self.shards]).encode()).hexdigest()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "rank": self.rank, "epoch": self._epoch,
+                "batches_consumed": self._consumed, "layout": self._layout(), "counters": dict(self._counters),
+                "corrupt_shards": sorted(self._corrupt_shards)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        saved, now = state["layout"], self._layout()
+        if saved != now:
+            # Exact continuation needs the same plan. A changed layout or shard set (a shard lost since)
+            # still resumes in the same epoch, at the same fraction of it, and says so.
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            old_global = saved["world_size"] * saved["micro_batch_size"]
+            consumed = min(self.steps_per_epoch(), consumed * old_global // (self.world_size * self.micro_batch_size))
+            log.warning("rank %d: reader position saved under a different %s; resuming epoch %d at batch %d "
+                        "(approximate: the sample order differs)", self.rank, ", ".join(changed), epoch, consumed)
+        self._epoch, self._consumed = epoch, consumed
+        self._counters.update({k: int(v) for k, v in state.get("counters", {}).items() if k in self._counters})
+        self._corrupt_shards.update(state.get("corrupt_shards", []))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"shards": len(self.shards), "samples_per_epoch": self.samples_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch(), "corrupt_shards": len(self._corrupt_shards),
+                "corrupt_samples": self._counters["corrupt_samples"],
+                "repeated_samples": self._counters["repeated_samples"],
+                "dropped_tail_samples": self.plan(self._epoch).dropped_tail, "epoch": self._epoch,
+                "batches_consumed": self._consumed}
