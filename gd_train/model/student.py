@@ -101,6 +101,11 @@ class GreedyDistillStudent(nn.Module):
     def base_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.transformer.named_parameters() if ".lora_" not in n}
 
+    def project_cond(self, hidden: torch.Tensor) -> torch.Tensor:
+        """c_f from the ETM's hidden states. The projection trains in fp32 (as PEFT keeps adapters on a
+        bf16 base), so a bf16 base's hidden states are cast to it; its output is cast back where added."""
+        return self.cf_proj(hidden.to(self.cf_proj[1].weight.dtype))
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.runner.gradient_checkpointing = enabled
 
@@ -199,7 +204,7 @@ class GreedyDistillStudent(nn.Module):
                 clip[:, :, :F_], torch.zeros(B, F_, device=dev), list(range(F_)), prompt_embeds,
                 adapter="etm", mask=etm_mask(F_, self.window, L, dev),
                 want_velocity=False, want_hidden=True)
-            cond = self.cf_proj(etm.hidden).unflatten(1, (F_, L))  # c_f = chunk f-1's hidden state
+            cond = self.project_cond(etm.hidden).unflatten(1, (F_, L))  # c_f = chunk f-1's hidden state
 
         # SDD over [clean x_0..x_{F-1} ; noisy x_first..x_F] with the block mask.
         n_noisy = noisy.shape[2]
@@ -238,7 +243,7 @@ class GreedyDistillStudent(nn.Module):
             frame, torch.zeros(B, 1, device=frame.device), [index - base], text, adapter="etm",
             cache_ops=CacheOps(cache, write_slot=index % slots, read_first=0, read_slots=n_read),
             key_positions=key_pos, want_velocity=False, want_hidden=True)
-        return self.cf_proj(out.hidden)
+        return self.project_cond(out.hidden)
 
     def sdd_context_step(self, frame: torch.Tensor, index: int, cache: KVCache, text: torch.Tensor) -> None:
         """Run clean x_index through the SDD at t = 0 and keep its K/V (as x_0, or as x_{f-1})."""
@@ -269,7 +274,7 @@ class GreedyDistillStudent(nn.Module):
         out = self.runner(history, torch.zeros(B, n, device=dev), list(range(n)), text,
                           adapter="etm", mask=etm_mask(n, self.window, L, dev),
                           want_velocity=False, want_hidden=True)
-        return self.cf_proj(out.hidden[:, -L:])
+        return self.project_cond(out.hidden[:, -L:])
 
     def sdd_recompute(self, first: Optional[torch.Tensor], prev: Optional[torch.Tensor], noisy: torch.Tensor,
                       sigma: float, index: int, cond: Optional[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
