@@ -198,12 +198,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0: no clipping
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 (default) or 3 (parameters sharded too)
+    zero3_param_persistence_threshold: int = 100_000  # ZeRO-3: smaller parameters stay whole on every rank
     checkpoint_every: int = 100  # optimizer steps
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     log_every: int = 1
     video_every: int = 0  # 0: no sample videos in TensorBoard
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run aborts
-    init_from: Optional[str] = None  # stage 2: a stage-1 run folder or checkpoint folder
+    init_from: Optional[str] = None  # a run folder (its latest), a checkpoint folder or exported adapters
     teacher_guidance_scale: float = 5.0  # stage 2: CFG of the teacher score s_real (Wan's default)
     rl_score_level: str = "next"  # stage 2: where mu is re-noised for scoring: next | uniform
     trace: bool = False  # per-rank trace/rank-*.jsonl: sample keys, local loss, (f, t) per micro-step
