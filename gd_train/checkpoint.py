@@ -1,0 +1,336 @@
+"""Checkpoints of a training run: save (every rank), find, load, list, export.
+
+Layout of `<run_dir>/checkpoints/`:
+
+    latest                       one line: the tag of the newest *complete* checkpoint
+    step-00000120/
+      checkpoint.json            manifest (step, epoch, samples seen, world size, ...), written last
+      mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's engine state
+      trainer/rank-00000.json    each rank's reader position and RNG states
+      adapters/etm/, adapters/sdd/   PEFT exports (adapter_model.safetensors + adapter_config.json)
+      adapters/cf_proj.safetensors   the c_f projection
+    .partial-step-00000140/      a save in progress (or one that crashed): never read
+
+A save is written under `.partial-<tag>`; only when every rank has finished does rank 0 write the
+manifest, rename the folder to `<tag>` and then move `latest` (write-then-rename, atomic on POSIX file
+systems). A crash at any point leaves either the previous `latest` or the new one, never a folder that
+looks complete and is not. Keep-last-K deletes the oldest complete checkpoints after `latest` moved.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from gd_train import distributed
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "checkpoint.json"
+PARTIAL_PREFIX = ".partial-"
+FORMAT = "gd-train/checkpoint/v1"
+ADAPTERS_DIR = "adapters"
+TRAINER_DIR = "trainer"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit this launch (one line)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass
+class Manifest:
+    tag: str
+    step: int  # optimizer steps completed
+    epoch: int  # epoch of the next micro-batch
+    samples_seen: int  # samples that went into optimizer steps (global)
+    world_size: int
+    zero_stage: int
+    stage: str
+    base_fingerprint: str  # sha256 of the frozen base weights: proves they never changed
+    reason: str = "periodic"  # periodic | preempted | final
+    skipped_micro_steps: int = 0  # NaN/inf losses skipped so far
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = folder / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {folder}: unreadable {MANIFEST} ({exc})") from None
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {folder}: format {data.get('format')!r}, expected {FORMAT!r}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------------
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def latest_tag(run_dir: str | os.PathLike) -> Optional[str]:
+    path = checkpoints_dir(run_dir) / LATEST
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A complete checkpoint folder from a run folder (its `latest`) or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if path.name.startswith(PARTIAL_PREFIX):
+        raise CheckpointError(f"checkpoint {path}: half-written (a save that did not finish); use the run's latest")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such folder (expected a run folder with {CHECKPOINTS}/{LATEST}, "
+                              f"or a checkpoint folder with {MANIFEST})")
+    if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
+        tag = latest_tag(path)
+        if tag is None:
+            raise CheckpointError(f"run folder {path}: no complete checkpoint yet ({CHECKPOINTS}/{LATEST} is missing)")
+        folder = checkpoints_dir(path) / tag
+        if not (folder / MANIFEST).is_file():
+            raise CheckpointError(f"run folder {path}: {CHECKPOINTS}/{LATEST} names '{tag}', but {folder} "
+                                  f"{'lacks ' + MANIFEST + ' (incomplete)' if folder.is_dir() else 'does not exist'}")
+        return folder
+    raise CheckpointError(f"{path}: neither a run folder ({CHECKPOINTS}/{LATEST}) nor a checkpoint folder ({MANIFEST})")
+
+
+def adapters_folder(path: str | os.PathLike) -> Path:
+    """The PEFT export to start from: an exported adapters folder (etm/, sdd/, cf_proj.safetensors), or
+    the `adapters/` of a checkpoint folder or of a run's latest checkpoint."""
+    path = Path(path)
+    if (path / "etm" / "adapter_config.json").is_file():
+        return path
+    folder = resolve(path) / ADAPTERS_DIR
+    if not (folder / "etm" / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path}: its checkpoint holds no {ADAPTERS_DIR}/etm export")
+    return folder
+
+
+@dataclass
+class Listing:
+    tag: str
+    folder: Path
+    complete: bool
+    is_latest: bool
+    manifest: Optional[Manifest]
+    size_bytes: int
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Listing]:
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    latest = latest_tag(run_dir)
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        complete = (folder / MANIFEST).is_file() and not folder.name.startswith(PARTIAL_PREFIX)
+        manifest = Manifest.read(folder) if complete else None
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        out.append(Listing(folder.name, folder, complete, folder.name == latest, manifest, size))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG and per-rank state (JSON: nothing here goes through pickle)
+# --------------------------------------------------------------------------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()),
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The student's own weights (adapters + c_f), gathered when ZeRO-3 shards them
+# --------------------------------------------------------------------------------------------------
+def _is_student_weight(name: str) -> bool:
+    return ".lora_" in name or name.startswith("cf_proj.")
+
+
+def student_weights(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of every adapter weight and the c_f projection. All ranks must call it (under ZeRO-3
+    the parameters are sharded, and gathering them is a collective); the result is valid everywhere."""
+    named = [(n, p) for n, p in student.named_parameters() if _is_student_weight(n)]
+    with _gathered([p for _, p in named]):
+        return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
+class _gathered:
+    """`deepspeed.zero.GatheredParameters` for ZeRO-3 parameters, a no-op otherwise."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.ctx = None
+
+    def __enter__(self):
+        if self.params:
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def base_fingerprint(student: torch.nn.Module) -> str:
+    """sha256 over the frozen base weights (name order). Collective under ZeRO-3 (gathers one tensor at
+    a time); the frozen base must never change, and the manifest records this value to prove it."""
+    digest = hashlib.sha256()
+    for name, p in sorted(student.named_parameters(), key=lambda item: item[0]):
+        if _is_student_weight(name):
+            continue
+        with _gathered([p]):
+            digest.update(name.encode())
+            digest.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------------
+def save(engine, student, run_dir: str | os.PathLike, manifest: Manifest, rank_state: dict[str, Any],
+         keep_last: int, files: Optional[dict[str, str]] = None) -> Path:
+    """Every rank calls this at the same step; `files` (name -> text, e.g. the resolved config) are
+    written by rank 0 into the checkpoint. Returns the complete checkpoint folder."""
+    rank = distributed.rank()
+    root = checkpoints_dir(run_dir)
+    partial = root / (PARTIAL_PREFIX + manifest.tag)
+    final = root / manifest.tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # left by a crash during an earlier save of this same step
+            shutil.rmtree(partial)
+    distributed.barrier()
+
+    # The frozen base is rebuilt from the pretrained weights on load; saving it would cost GBs per save.
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False, exclude_frozen_parameters=True)
+
+    (partial / TRAINER_DIR).mkdir(exist_ok=True)
+    _write_atomic(partial / TRAINER_DIR / f"rank-{rank:05d}.json",
+                  json.dumps({"rank": rank, **rank_state, "rng": rng_state()}))
+    weights = student_weights(student)
+    if rank == 0:
+        student.save_adapters(partial / ADAPTERS_DIR, state_dict=weights)
+        for name, text in (files or {}).items():
+            _write_atomic(partial / name, text)
+    distributed.barrier()
+
+    if rank == 0:
+        missing = [r for r in range(manifest.world_size) if not (partial / TRAINER_DIR / f"rank-{r:05d}.json").is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {partial}: ranks {missing} wrote no trainer state")
+        _write_atomic(partial / MANIFEST, manifest.to_json())
+        if final.exists():  # a complete save of this step from a run that crashed before moving `latest`
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(root / LATEST, manifest.tag + "\n")
+        _prune(root, keep_last, keep=manifest.tag)
+    distributed.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    complete = sorted(p for p in root.iterdir()
+                      if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX) and (p / MANIFEST).is_file())
+    for folder in complete[:-keep_last]:
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    for stale in root.glob(PARTIAL_PREFIX + "*"):  # crashed saves of earlier steps
+        if stale.name != PARTIAL_PREFIX + keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load(engine, folder: Path, world_size: int) -> tuple[Manifest, dict[str, Any]]:
+    """Restore the engine (adapters, c_f, optimizer, lr schedule) and return this rank's trainer state;
+    the caller restores the reader from it. RNG states are restored here."""
+    manifest = Manifest.read(folder)
+    check_world_size(folder, manifest, world_size)
+    rank = distributed.rank()
+    state_path = folder / TRAINER_DIR / f"rank-{rank:05d}.json"
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {folder}: no trainer state for rank {rank} ({state_path.name})")
+    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
+    if load_path is None:
+        raise CheckpointError(f"checkpoint {folder}: DeepSpeed could not load it")
+    rank_state = json.loads(state_path.read_text())
+    set_rng_state(rank_state.pop("rng"))
+    return manifest, rank_state
+
+
+def check_world_size(folder: Path, manifest: Manifest, world_size: int) -> None:
+    if manifest.world_size != world_size:
+        raise CheckpointError(
+            f"checkpoint {folder}: written by {manifest.world_size} ranks, this launch has {world_size}; resume "
+            f"with the same number of processes (nodes x --nproc), or start a new run from its weights with "
+            f"train.init_from={folder} (fresh optimizer and data order)")
+
+
+def export(folder: Path, out: Path) -> Path:
+    """Copy a checkpoint's PEFT exports to `out` (etm/, sdd/, cf_proj.safetensors)."""
+    source = folder / ADAPTERS_DIR
+    if not source.is_dir():
+        raise CheckpointError(f"checkpoint {folder}: no {ADAPTERS_DIR}/ folder")
+    if out.exists():
+        raise CheckpointError(f"export target {out}: already exists (choose another --out)")
+    shutil.copytree(source, out)
+    return out

@@ -1,0 +1,132 @@
+"""What a run reports: TensorBoard scalars and sample videos under `<run_dir>/tb`, one JSON object per
+logged step in `<run_dir>/metrics.jsonl`. Only rank 0 writes; the values it writes are already
+reduced over ranks by the trainer.
+
+Tags are `group/name`, and a custom-scalars layout groups them so the dashboard opens sorted into
+loss, optimisation, throughput, system and RL. On resume the writer purges events at or after the
+resumed step (`purge_step`) and `metrics.jsonl` is cut back to the checkpoint, so curves continue
+without a fork.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+TB_DIR = "tb"
+METRICS_FILE = "metrics.jsonl"
+
+LAYOUT = {
+    "loss": {"training loss": ["Multiline", [r"loss/.*"]]},
+    "optimisation": {"learning rate": ["Multiline", [r"optimisation/lr.*"]],
+                     "gradient norm": ["Multiline", [r"optimisation/grad_norm"]],
+                     "skipped (non-finite loss)": ["Multiline", [r"optimisation/skipped.*"]]},
+    "throughput": {"samples and tokens per second": ["Multiline", [r"throughput/(samples|tokens)_per_s"]],
+                   "step time": ["Multiline", [r"throughput/step_time_s"]],
+                   "data wait": ["Multiline", [r"throughput/data_wait_fraction"]]},
+    "system": {"memory": ["Multiline", [r"system/.*memory.*"]]},
+    "RL": {"chunk f and step t": ["Multiline", [r"rl/(f|t)$"]],
+           "scores": ["Multiline", [r"rl/(score|mu|gen).*"]]},
+}
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines whose `step` is <= max_step (what a resumed run will not write again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class Metrics:
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool, resumed_step: int):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir = Path(run_dir)
+        truncate_jsonl(run_dir / METRICS_FILE, resumed_step)
+        # purge_step: events of steps >= resumed_step + 1 written before the interruption are dropped.
+        self.writer = SummaryWriter(log_dir=str(run_dir / TB_DIR),
+                                    purge_step=resumed_step + 1 if resumed_step > 0 else None)
+        if resumed_step == 0:
+            self.writer.add_custom_scalars(LAYOUT)
+        self.jsonl = open(run_dir / METRICS_FILE, "a", buffering=1)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        record = {"step": step, **{tag: _plain(value) for tag, value in scalars.items()}}
+        if "loss/train" in scalars:
+            record["loss"] = record["loss/train"]
+        self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self.writer.flush()
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
+    def log_video(self, tag: str, frames_thwc: np.ndarray, step: int, fps: int) -> None:
+        """An animated GIF in TensorBoard's image dashboard — what `SummaryWriter.add_video` writes.
+
+        Not `add_video` itself: it encodes through `moviepy.editor`, which moviepy 2 removed, and without
+        it writes an empty image with only a printed warning. Pillow (a diffusers dependency) encodes the
+        same GIF, and the summary proto is the one `add_video` builds."""
+        if not self.enabled:
+            return
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        frames = [Image.fromarray(np.ascontiguousarray(f)) for f in frames_thwc]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=max(1, round(1000 / fps)), loop=0)
+        T, H, W, C = frames_thwc.shape
+        image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=buffer.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _plain(value: Any) -> Any:
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def read_scalars(tb_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run's event files, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def memory_gib() -> dict[str, float]:
+    """Peak memory of this process: resident set (CPU) and, on CUDA, allocated device memory."""
+    import resource
+
+    import torch
+
+    out = {"system/peak_rss_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["system/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

@@ -1,0 +1,240 @@
+"""The two training objectives, as modules the DeepSpeed engine runs (`engine(**inputs) -> loss`).
+
+Stage 1 — next-chunk fine-tuning, Eq. (6): one teacher-forced parallel pass per clip (every c_f from
+one ETM pass, every chunk's velocity from one SDD pass), MSE against ε − x_f averaged over chunks.
+
+Stage 2 — RL fine-tuning, Eq. (10) read as in DESIGN §4 and docs/training.md: roll the student out on
+its own predictions up to chunk f (no gradient), take its one-step output μ = x̂0 at step t (gradient
+through that step only), re-noise μ, and score it with the teacher (adapters off, CFG) and with the
+SDD itself. With s read as velocities, s_real − s_gen ∝ x̂0_gen − x̂0_real, so the loss
+MSE(μ, sg[μ − (x̂0_gen − x̂0_real) / normaliser]) moves μ toward the teacher's x̂0 (`dmd_loss`).
+
+Every random draw of a micro-step comes from a generator seeded by the trainer with (run seed, rank,
+step, micro-step): a resumed run draws exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from gd_train import distributed
+from gd_train.data.reader import Batch
+from gd_train.flow import add_noise, few_step_sigmas, predict_x0, shift_sigma, velocity_target
+from gd_train.infer.stream import StreamingGenerator, StreamSettings
+from gd_train.model.student import GreedyDistillStudent
+
+# DMD's range for the scoring level in the 'uniform' reading (avoids the degenerate ends).
+UNIFORM_SCORE_RANGE = (0.02, 0.98)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from labelled parts, stable across processes (Python's `hash` is salted)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1
+# --------------------------------------------------------------------------------------------------
+class NextChunkLoss(nn.Module):
+    """Eq. (6). Flow times are drawn per chunk (each chunk's SDD pass is independent under the block
+    mask, so per-chunk times estimate the same expectation with less variance), uniformly and then
+    warped by the student's flow shift so that training covers the levels few-step sampling visits."""
+
+    stage = "stage1"
+
+    def __init__(self, cfg: DictConfig, student: GreedyDistillStudent):
+        super().__init__()
+        self.student = student
+        self.flow_shift = float(cfg.student.flow_shift)
+        self.first_noisy = 0 if cfg.student.train_first_frame else 1
+        self.last_stats: dict[str, float] = {}
+
+    def draw(self, step: int) -> None:  # nothing shared across ranks in stage 1
+        return None
+
+    def inputs(self, batch: Batch, draw: None, seed: int) -> dict:
+        return {"latents": batch.latents, "prompt_embeds": batch.prompt_embeds, "seed": seed}
+
+    def tokens_per_sample(self, batch: Batch, draw: None) -> int:
+        _, _, frames, h, w = batch.latents.shape
+        return frames * self.student.tokens_per_chunk(h, w)
+
+    def forward(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, seed: int) -> torch.Tensor:
+        student = self.student
+        device, dtype = student.device_, student.dtype
+        clip = latents.to(device=device, dtype=torch.float32)  # x_0 .. x_F
+        text = prompt_embeds.to(device=device, dtype=dtype)
+        targets = clip[:, :, self.first_noisy:]
+        B, _, n, _, _ = targets.shape
+        gen = _generator(device, seed)
+        noise = torch.randn(targets.shape, generator=gen, device=device)
+        sigmas = shift_sigma(torch.rand((B, n), generator=gen, device=device), self.flow_shift)
+        noisy = add_noise(targets, noise, sigmas[:, None, :, None, None])
+        out = student.parallel_forward(clip.to(dtype), noisy.to(dtype), sigmas, text)
+        return F.mse_loss(out.velocity.float(), velocity_target(targets, noise))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RLDraw:
+    """The (f, t) of one minibatch: chunk f and the index of step t in student.denoising_steps."""
+
+    frame: int
+    step_index: int
+    timestep: int  # the step's value, e.g. 750
+
+
+def dmd_loss(mu: torch.Tensor, x0_real: torch.Tensor, x0_gen: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MSE(μ, sg[μ − (x̂0_gen − x̂0_real) / normaliser]), normaliser = mean |μ − x̂0_real| per sample (DMD).
+
+    Its gradient w.r.t. μ is (x̂0_gen − x̂0_real) / (normaliser · numel / 2): a descent step moves μ
+    toward the teacher's x̂0 and away from the generator's own."""
+    mu = mu.float()
+    with torch.no_grad():
+        dims = tuple(range(1, mu.ndim))
+        normaliser = (mu - x0_real.float()).abs().mean(dim=dims, keepdim=True).clamp_min(eps)
+        target = mu - (x0_gen.float() - x0_real.float()) / normaliser
+    return F.mse_loss(mu, target)
+
+
+class _Guidance:
+    """Classifier-free guidance as one doubled batch (conditional first, then the negative prompt)."""
+
+    def __init__(self, text: torch.Tensor, negative: Optional[torch.Tensor], scale: float):
+        self.scale = float(scale)
+        self.on = self.scale != 1.0
+        if self.on and negative is None:
+            raise ValueError("guidance scale != 1 needs the negative prompt's embeddings")
+        self.text = torch.cat([text, negative.expand_as(text)]) if self.on else text
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if self.on else x
+
+    def combine(self, velocity: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return velocity
+        cond, uncond = velocity.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+class RLFineTuneLoss(nn.Module):
+    """Eq. (10), DMD-style deterministic policy gradient with the SDD as its own critic."""
+
+    stage = "stage2"
+
+    def __init__(self, cfg: DictConfig, student: GreedyDistillStudent, negative_embeds: Optional[torch.Tensor]):
+        super().__init__()
+        from gd_train.config import latent_shape
+
+        self.student = student
+        self.seed = int(cfg.seed)
+        self.num_frames = latent_shape(cfg)[1]  # x_0 .. x_{F}: f is drawn from 1 .. F
+        if self.num_frames < 2:
+            raise ValueError(f"key 'video.num_frames': stage 2 needs at least 2 latent frames, got {self.num_frames}")
+        self.steps = [int(s) for s in cfg.student.denoising_steps]
+        self.flow_shift = float(cfg.student.flow_shift)
+        self.sigmas = few_step_sigmas(self.steps, self.flow_shift)
+        self.score_level = str(cfg.train.rl_score_level)
+        self.teacher_scale = float(cfg.train.teacher_guidance_scale)
+        self.student_scale = float(cfg.student.guidance_scale)
+        # Not a parameter and not saved: recomputed from the prompt text on every start.
+        self.register_buffer("negative_embeds", negative_embeds, persistent=False)
+        self.rollout = StreamingGenerator(student, StreamSettings.from_config(cfg))
+        self.last_stats: dict[str, float] = {}
+
+    # -- the (f, t) agreement -------------------------------------------------------------------------
+    def draw(self, step: int) -> RLDraw:
+        """Drawn on rank 0 and broadcast, once per minibatch: every rank and every accumulation
+        micro-step of the minibatch roll out to the same chunk and take the gradient at the same step
+        (the computation graphs — and so ZeRO's collectives — match across ranks)."""
+        # With the 'next' reading the last step's next level is clean data, where both scores return
+        # μ itself and the loss vanishes: t is drawn from the steps that have a noisy next level.
+        usable_steps = len(self.steps) - 1 if self.score_level == "next" else len(self.steps)
+        rng = random.Random(derive_seed("rl-draw", self.seed, step))
+        frame, step_index = rng.randint(1, self.num_frames - 1), rng.randrange(usable_steps)
+        frame, step_index = distributed.broadcast_ints([frame, step_index], src=0)
+        return RLDraw(frame=frame, step_index=step_index, timestep=self.steps[step_index])
+
+    def inputs(self, batch: Batch, draw: RLDraw, seed: int) -> dict:
+        return {"prompt_embeds": batch.prompt_embeds, "frame": draw.frame, "step_index": draw.step_index, "seed": seed}
+
+    def tokens_per_sample(self, batch: Batch, draw: RLDraw) -> int:
+        _, _, _, h, w = batch.latents.shape
+        return (draw.frame + 1) * self.student.tokens_per_chunk(h, w)
+
+    def score_sigma(self, step_index: int, gen: torch.Generator) -> float:
+        if self.score_level == "next":
+            return self.sigmas[step_index + 1]
+        low, high = UNIFORM_SCORE_RANGE
+        u = low + (high - low) * float(torch.rand((), generator=gen, device=gen.device))
+        return float(shift_sigma(u, self.flow_shift))
+
+    # -- the loss ---------------------------------------------------------------------------------------
+    def forward(self, prompt_embeds: torch.Tensor, frame: int, step_index: int, seed: int) -> torch.Tensor:
+        student = self.student
+        device, dtype = student.device_, student.dtype
+        text = prompt_embeds.to(device=device, dtype=dtype)
+        B = text.shape[0]
+        negative = self.negative_embeds.to(dtype) if self.negative_embeds is not None else None
+        guide = _Guidance(text, negative, self.student_scale)
+        gen = _generator(device, seed)
+        sigma_t = self.sigmas[step_index]
+
+        # Rollout on the student's own predictions: x_0 .. x_{f-1} by Algorithm 1, then chunk f from
+        # noise down to level t. No gradient (the policy gradient flows through the last step only).
+        with torch.no_grad():
+            history = self.rollout.generate(text, frame, seed=seed, negative_embeds=negative)  # (B, C, f, H, W)
+        first, prev = guide.batch(history[:, :, :1]), guide.batch(history[:, :, -1:])
+        cond = student.etm_recompute(guide.batch(history), guide.text)  # c_f, with gradient into the ETM
+        _, C, _, H, W = history.shape
+        x_t = torch.randn((B, C, 1, H, W), generator=gen, device=device).to(dtype)
+        with torch.no_grad():
+            for sigma, sigma_next in zip(self.sigmas[:step_index], self.sigmas[1:step_index + 1]):
+                v = guide.combine(student.sdd_recompute(first, prev, guide.batch(x_t), sigma, frame, cond.detach(), guide.text))
+                x_t = x_t + (sigma_next - sigma) * v
+
+        # μ_θ(x_t^f): the student's one-step x̂0 at level t — the only step with a gradient.
+        v_student = guide.combine(student.sdd_recompute(first, prev, guide.batch(x_t), sigma_t, frame, cond, guide.text))
+        mu = predict_x0(x_t.float(), v_student.float(), sigma_t)
+
+        # Re-noise μ, score it. Teacher: the whole rolled-out clip x_0..x_{f-1}, μ noised at one level
+        # (the teacher was trained with one level for all frames), chunk f read from its prediction.
+        with torch.no_grad():
+            sigma_s = self.score_sigma(step_index, gen)
+            clip = torch.cat([history.float(), mu.detach()], dim=2)
+            noisy_clip = add_noise(clip, torch.randn(clip.shape, generator=gen, device=device), sigma_s).to(dtype)
+            noisy_f = noisy_clip[:, :, -1:]
+            teacher = _Guidance(text, negative, self.teacher_scale)
+            timestep = torch.full((teacher.text.shape[0],), sigma_s * 1000.0, device=device)
+            v_real = teacher.combine(student.teacher_velocity(teacher.batch(noisy_clip), timestep, teacher.text))[:, :, -1:]
+            v_gen = guide.combine(student.sdd_recompute(first, prev, guide.batch(noisy_f), sigma_s, frame, cond.detach(), guide.text))
+            x0_real = predict_x0(noisy_f.float(), v_real.float(), sigma_s)
+            x0_gen = predict_x0(noisy_f.float(), v_gen.float(), sigma_s)
+        loss = dmd_loss(mu, x0_real, x0_gen)
+        with torch.no_grad():
+            self.last_stats = {"score_sigma": float(sigma_s),
+                               "mu_to_teacher_x0": float((mu - x0_real).abs().mean()),
+                               "gen_minus_real_x0": float((x0_gen - x0_real).abs().mean())}
+        return loss
+
+
+def build_objective(cfg: DictConfig, student: GreedyDistillStudent,
+                    negative_embeds: Optional[torch.Tensor] = None) -> nn.Module:
+    if cfg.train.stage == "stage1":
+        return NextChunkLoss(cfg, student)
+    return RLFineTuneLoss(cfg, student, negative_embeds)

@@ -1,0 +1,481 @@
+"""The training loop shared by stage 1 and stage 2: one DeepSpeed engine, one process per rank.
+
+Each rank is started by torchrun (through `launch/`, as `gd-train` and the SLURM scripts do):
+
+    python -m gd_train.train.trainer --run-dir RUN --stage stage1 --config FILE [KEY=VALUE ...]
+    python -m gd_train.train.trainer --run-dir RUN --resume [KEY=VALUE ...]
+
+`train()` reads top to bottom: set-up (config, process group, data, student, objective, engine,
+optional resume), then the loop — per optimizer step: the minibatch's shared draw, `accumulation`
+micro-steps (forward, a collective finiteness check, backward), the step, logs, sample videos,
+checkpoint and the pre-emption check. See docs/training.md for the objectives and the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from gd_train import checkpoint, distributed
+from gd_train.config import ConfigError, load_config, to_yaml
+from gd_train.data.reader import Batch, ShardReader
+from gd_train.metrics import Metrics, memory_gib, truncate_jsonl
+from gd_train.model.student import GreedyDistillStudent
+from gd_train.train.objectives import build_objective, derive_seed
+from gd_train.train.optim import build_optimizer, build_scheduler
+from gd_train.train.plan import BatchPlan, validate_train_config
+
+CONFIG_FILE = "config.yaml"
+PREEMPTED_FILE = "preempted.json"  # written after a pre-emption checkpoint; the SLURM scripts requeue on it
+NEGATIVE_EMBEDS_FILE = "negative_prompt_embeds.safetensors"
+TRACE_DIR = "trace"
+
+EXIT_ABORTED = 3  # too many consecutive non-finite losses
+SIGTERM_GRACE_S = float(os.environ.get("GD_TRAIN_SIGTERM_GRACE_S", "60"))  # to checkpoint after SIGTERM
+
+log = logging.getLogger("gd_train.train")
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # epoch of the last micro-batch read
+    samples_seen: int = 0
+    skipped_micro_steps: int = 0  # non-finite losses, in total
+    consecutive_bad: int = 0
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (pre-emption, scancel) → checkpoint at
+    the next step boundary and exit cleanly. Ranks receive signals at different moments, so the
+    decision is an all-reduce: every rank stops after the same step.
+
+    Installed before the data loader forks its workers: they inherit this handler (which only sets a
+    flag) instead of dying on a signal sent to the whole process group."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._deadline: Optional[threading.Timer] = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self._deadline is None:
+            # torchrun also sends SIGTERM to the surviving ranks when one rank fails; a rank blocked in a
+            # collective with a dead peer never reaches a step boundary, so SIGTERM carries a deadline.
+            self._deadline = threading.Timer(SIGTERM_GRACE_S, os._exit, args=(128 + signal.SIGTERM,))
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def agreed(self) -> bool:
+        return distributed.all_reduce([1.0 if self.signal_name else 0.0], op="max")[0] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
+    stop = StopRequest()
+    dist = distributed.init()
+    validate_train_config(cfg)
+    plan = BatchPlan.from_config(cfg.train, dist.world_size)
+    _seed_everything(cfg.seed)  # identical LoRA initialisation on every rank
+    if dist.is_main:
+        _prepare_run_dir(cfg, run_dir, resume)
+    distributed.barrier()
+
+    reader = ShardReader.from_config(cfg, rank=dist.rank, world_size=dist.world_size)
+    total_steps = plan.total_steps(reader.steps_per_epoch(), cfg.train.epochs, cfg.train.max_steps)
+    if total_steps < 1:
+        raise ConfigError(f"key 'data.shards': {reader.steps_per_epoch()} micro-batches per epoch x "
+                          f"{cfg.train.epochs} epochs is less than one optimizer step of {plan.accumulation_steps} "
+                          f"accumulation steps")
+
+    student = GreedyDistillStudent.from_config(cfg, device=dist.device)
+    student.set_gradient_checkpointing(bool(cfg.student.gradient_checkpointing))
+    if cfg.train.init_from is not None:
+        student.load_adapters(checkpoint.adapters_folder(cfg.train.init_from))
+    fingerprint = checkpoint.base_fingerprint(student)
+    objective = build_objective(cfg, student, _negative_embeds(cfg, run_dir, dist))
+    optimizer = build_optimizer(student, cfg.train)
+    engine = _deepspeed_engine(cfg, plan, objective, optimizer, build_scheduler(optimizer, cfg.train, total_steps))
+
+    state = RunState()
+    if resume:
+        state = _restore(engine, reader, run_dir, fingerprint, dist.world_size)
+    metrics = Metrics(run_dir, enabled=dist.is_main, resumed_step=state.step)
+    trace = _Trace(run_dir, dist.rank, enabled=bool(cfg.train.trace), resumed_step=state.step)
+    if dist.is_main:
+        print(f"gd-train: {cfg.train.stage} on {dist.world_size} rank(s), {total_steps} steps of "
+              f"{plan.global_batch_size} samples ({plan.micro_batch_size} x {plan.accumulation_steps} accumulation "
+              f"x {dist.world_size} ranks), {reader.steps_per_epoch()} micro-batches per epoch per rank; "
+              f"{'resuming after step ' + str(state.step) if resume else 'fresh start'}", flush=True)
+
+    batches = _micro_batches(reader, cfg.train.epochs)
+    interval = _Interval()
+    last_batch: Optional[Batch] = None
+    while state.step < total_steps:
+        step = state.step + 1
+        draw = objective.draw(step)  # stage 2: (f, t) from rank 0, the same for the whole minibatch
+        step_start = time.perf_counter()
+        losses, attempt = [], 0
+        while len(losses) < plan.accumulation_steps:
+            wait_start = time.perf_counter()
+            item = next(batches, None)
+            interval.data_wait_s += time.perf_counter() - wait_start
+            if item is None:
+                break
+            state.epoch, last_batch = item
+            seed = derive_seed("micro-step", cfg.seed, dist.rank, step, attempt)
+            loss = engine(**objective.inputs(last_batch, draw, seed))
+            finite = bool(torch.isfinite(loss.detach()).item())
+            loss_sum, bad_ranks = distributed.all_reduce([float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0])
+            trace.write(step=step, micro=attempt, epoch=state.epoch, keys=last_batch.keys,
+                        loss=float(loss.detach()), skipped=bad_ranks > 0, draw=draw)
+            attempt += 1
+            if bad_ranks > 0:
+                _skip_non_finite(state, cfg, step, bad_ranks)
+                continue
+            state.consecutive_bad = 0
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss_sum / dist.world_size)
+            interval.tokens += objective.tokens_per_sample(last_batch, draw) * plan.micro_batch_size * dist.world_size
+        if len(losses) < plan.accumulation_steps:  # the data ran out (non-finite losses used some up)
+            if dist.is_main:
+                print(f"gd-train: data of {cfg.train.epochs} epoch(s) exhausted after step {state.step}", flush=True)
+            break
+
+        state.step = step
+        state.samples_seen += plan.global_batch_size
+        interval.add_step(sum(losses) / len(losses), time.perf_counter() - step_start, plan.global_batch_size)
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            _log_step(metrics, engine, objective, interval, state, draw, total_steps)
+            interval = _Interval()
+        if cfg.train.video_every and step % cfg.train.video_every == 0:
+            _log_sample_video(metrics, cfg, student, last_batch, step)
+
+        stop_now = stop.agreed()
+        if step % cfg.train.checkpoint_every == 0 or stop_now or step == total_steps:
+            reason = "preempted" if stop_now else ("final" if step == total_steps else "periodic")
+            _save(engine, student, run_dir, cfg, state, reader, fingerprint, dist.world_size, reason)
+        if stop_now and step < total_steps:
+            if dist.is_main:
+                _write_json(run_dir / PREEMPTED_FILE, {"step": step, "signal": stop.signal_name,
+                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                print(f"gd-train: {stop.signal_name} received; checkpoint {checkpoint.tag_for(step)} saved, exiting "
+                      f"(continue with `gd-train resume {run_dir}`)", flush=True)
+            break
+    else:
+        if dist.is_main:
+            print(f"gd-train: finished {state.step} steps; latest checkpoint {checkpoint.latest_tag(run_dir)}", flush=True)
+
+    metrics.close()
+    trace.close()
+    distributed.barrier()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and checkpoint.latest_tag(run_dir) is not None:
+        raise ConfigError(f"key 'output_dir': {run_dir} already holds a run (checkpoint "
+                          f"{checkpoint.latest_tag(run_dir)}); continue it with `gd-train resume {run_dir}` or "
+                          f"choose another output_dir")
+    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+
+
+def _negative_embeds(cfg: DictConfig, run_dir: Path, dist) -> Optional[torch.Tensor]:
+    """Wan's negative prompt encoded once per run (rank 0, with the configured text encoder) and read by
+    every rank; needed only where classifier-free guidance runs."""
+    needed = cfg.student.guidance_scale != 1.0 or (cfg.train.stage == "stage2" and cfg.train.teacher_guidance_scale != 1.0)
+    if not needed:
+        return None
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / NEGATIVE_EMBEDS_FILE
+    if dist.is_main and not path.is_file():
+        from gd_train.model.backbone import PromptEncoder
+
+        encoder = PromptEncoder(cfg, device=dist.device)
+        embeds = encoder.encode_padded([cfg.student.negative_prompt]).float().cpu()
+        del encoder
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"negative_prompt_embeds": embeds.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    distributed.barrier()
+    return load_file(str(path))["negative_prompt_embeds"].to(dist.device)
+
+
+def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict:
+    """DeepSpeed runs in fp32: the frozen base runs in `model.dtype` (bf16 on the GPU configs), while the
+    weights that train — LoRA (PEFT keeps adapters in fp32 on a bf16 base) and c_f — and their AdamW
+    states are fp32 already, so no master copies are needed and Wan's fp32-only modules stay fp32."""
+    train = cfg.train
+    zero: dict = {"stage": int(train.zero_stage), "contiguous_gradients": True}
+    if train.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = int(train.zero3_param_persistence_threshold)
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW (see gd_train.train.optim)
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "checkpoint": {"tag_validation": "FAIL"},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _deepspeed_engine(cfg, plan, objective, optimizer, scheduler):
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, plan))
+    return engine
+
+
+def _restore(engine, reader: ShardReader, run_dir: Path, fingerprint: str, world_size: int) -> RunState:
+    folder = checkpoint.resolve(run_dir)
+    manifest, rank_state = checkpoint.load(engine, folder, world_size)
+    if manifest.base_fingerprint != fingerprint:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {folder}: trained on other base weights (fingerprint {manifest.base_fingerprint[:12]}, "
+            f"now {fingerprint[:12]}); check pretrained_path / model.init_seed in {run_dir / CONFIG_FILE}")
+    reader.load_state_dict(rank_state["reader"])
+    return RunState(step=manifest.step, epoch=manifest.epoch, samples_seen=manifest.samples_seen,
+                    skipped_micro_steps=manifest.skipped_micro_steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop's pieces
+# --------------------------------------------------------------------------------------------------
+def _micro_batches(reader: ShardReader, epochs: int) -> Iterator[tuple[int, Batch]]:
+    """One stream of (epoch, micro-batch) over the epochs, continuing from the reader's position."""
+    for epoch in range(reader.state_dict()["epoch"], epochs):
+        for batch in reader.epoch(epoch):
+            yield epoch, batch
+
+
+def _skip_non_finite(state: RunState, cfg: DictConfig, step: int, bad_ranks: float) -> None:
+    state.skipped_micro_steps += 1
+    state.consecutive_bad += 1
+    if distributed.rank() == 0:
+        print(f"gd-train: step {step}: non-finite loss on {int(bad_ranks)} rank(s); micro-batch skipped on every rank "
+              f"({state.consecutive_bad} in a row, {state.skipped_micro_steps} in total)", flush=True)
+    if state.consecutive_bad >= cfg.train.max_bad_steps:
+        raise TrainingAborted(
+            f"step {step}: {state.consecutive_bad} consecutive non-finite losses (train.max_bad_steps="
+            f"{cfg.train.max_bad_steps}); aborting — check the data (NaN/inf latents?) and train.lr; the last "
+            f"complete checkpoint is {checkpoint.latest_tag(cfg.output_dir) or 'none'}")
+
+
+@dataclass
+class _Interval:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    time_s: float = 0.0
+    data_wait_s: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+
+    def add_step(self, loss: float, step_time_s: float, samples: int) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.time_s += step_time_s
+        self.samples += samples
+
+
+def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: RunState, draw, total_steps: int) -> None:
+    # Throughput and memory: the slowest / largest rank is what limits the run.
+    time_s, wait_s, *memory = distributed.all_reduce(
+        [interval.time_s, interval.data_wait_s, *memory_gib().values()], op="max")
+    grad_norm = engine.get_global_grad_norm()
+    scalars = {
+        "loss/train": interval.loss_sum / interval.steps,
+        "optimisation/lr": float(engine.get_lr()[0]),
+        "optimisation/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "optimisation/skipped_micro_steps": float(state.skipped_micro_steps),
+        "throughput/samples_per_s": interval.samples / time_s,
+        "throughput/tokens_per_s": interval.tokens / time_s,
+        "throughput/step_time_s": time_s / interval.steps,
+        "throughput/data_wait_fraction": min(1.0, wait_s / time_s),
+        "progress/epoch": float(state.epoch),
+        "progress/samples_seen": float(state.samples_seen),
+    }
+    scalars.update(dict(zip(memory_gib().keys(), memory)))
+    if draw is not None:
+        scalars.update({"rl/f": float(draw.frame), "rl/t": float(draw.timestep)})
+        scalars.update({f"rl/{k}": v for k, v in objective.last_stats.items()})
+    metrics.log(state.step, scalars)
+    if metrics.enabled:
+        print(f"step {state.step}/{total_steps} loss {scalars['loss/train']:.6f} lr {scalars['optimisation/lr']:.3e} "
+              f"grad_norm {scalars['optimisation/grad_norm']:.4f} {scalars['throughput/samples_per_s']:.2f} samples/s "
+              f"data_wait {scalars['throughput/data_wait_fraction']:.2%}"
+              + (f" f={draw.frame} t={draw.timestep}" if draw is not None else ""), flush=True)
+
+
+def _log_sample_video(metrics: Metrics, cfg: DictConfig, student: GreedyDistillStudent, batch: Batch, step: int) -> None:
+    """Stream a clip for the last batch's first prompt (Algorithm 1) and log it decoded by the VAE. Every
+    rank generates (under ZeRO-3 the weights are sharded and every rank must take part); rank 0 logs."""
+    from gd_train.infer.stream import StreamingGenerator, StreamSettings
+
+    negative = None
+    if cfg.student.guidance_scale != 1.0:
+        from safetensors.torch import load_file
+
+        negative = load_file(str(Path(cfg.output_dir) / NEGATIVE_EMBEDS_FILE))["negative_prompt_embeds"].to(student.device_)
+    generator = StreamingGenerator(student, StreamSettings.from_config(cfg))
+    latents = generator.generate(batch.prompt_embeds[:1].to(student.device_), int(cfg.generate.latent_frames),
+                                 seed=int(cfg.generate.seed), negative_embeds=negative)
+    if metrics.enabled:
+        from gd_train.media import decode_latents
+        from gd_train.model.backbone import load_vae
+
+        vae = load_vae(cfg).to(student.device_)
+        frames = decode_latents(vae, latents.float())[0]
+        metrics.log_video("samples/stream", frames, step, fps=int(cfg.video.fps))
+        metrics.log_text("samples/caption", batch.captions[0], step)
+
+
+def _save(engine, student, run_dir: Path, cfg: DictConfig, state: RunState, reader: ShardReader, fingerprint: str,
+          world_size: int, reason: str) -> None:
+    now = checkpoint.base_fingerprint(student)
+    if now != fingerprint:  # DESIGN §3.5: only adapters and c_f train; this would be a bug, not bad input
+        raise RuntimeError(f"step {state.step}: the frozen base weights changed (fingerprint {fingerprint[:12]} -> "
+                           f"{now[:12]}); refusing to checkpoint")
+    manifest = checkpoint.Manifest(tag=checkpoint.tag_for(state.step), step=state.step, epoch=state.epoch,
+                                   samples_seen=state.samples_seen, world_size=world_size,
+                                   zero_stage=int(cfg.train.zero_stage), stage=str(cfg.train.stage),
+                                   base_fingerprint=fingerprint, reason=reason,
+                                   skipped_micro_steps=state.skipped_micro_steps)
+    checkpoint.save(engine, student, run_dir, manifest, {"reader": reader.state_dict()}, int(cfg.train.keep_last),
+                    files={CONFIG_FILE: to_yaml(cfg)})
+
+
+class _Trace:
+    """Per-rank record of what each micro-step saw (`train.trace`): sample keys, local loss, (f, t).
+    Used to prove exact resume (no sample twice, none skipped) and the (f, t) agreement."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool, resumed_step: int):
+        self.fh = None
+        if not enabled:
+            return
+        path = run_dir / TRACE_DIR / f"rank-{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(path, resumed_step)
+        self.fh = open(path, "a", buffering=1)
+
+    def write(self, *, step, micro, epoch, keys, loss, skipped, draw) -> None:
+        if self.fh is None:
+            return
+        record = {"step": step, "micro": micro, "epoch": epoch, "keys": list(keys),
+                  "loss": loss if math.isfinite(loss) else str(loss), "skipped": skipped}
+        if draw is not None:
+            record.update({"f": draw.frame, "t": draw.timestep})
+        self.fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point (one per rank)
+# --------------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Exit when the per-node launcher dies (even by SIGKILL): torchrun starts workers in their own
+    sessions, so neither a killed launcher nor SLURM's process-group tracking would reach them."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gd_train.train.trainer", description="one training rank")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--stage", choices=("stage1", "stage2"))
+    p.add_argument("--config")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    return p
+
+
+def load_run_config(run_dir: Path, stage: Optional[str], config: Optional[str], resume: bool,
+                    overrides: Sequence[str]) -> DictConfig:
+    """Fresh start: the config file + the command's stage + overrides, with output_dir = run_dir.
+    Resume: the run's saved config.yaml + overrides."""
+    if resume:
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"run folder {run_dir}: no {CONFIG_FILE} (not a gd-train run folder)")
+        return load_config(saved, list(overrides))
+    cfg = load_config(config, [f"train.stage={stage}", *overrides, f"output_dir={run_dir}"])
+    validate_train_config(cfg, command=stage)
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _die_with_parent()
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_run_config(run_dir, args.stage, args.config, args.resume, args.overrides)
+        return train(cfg, run_dir, resume=args.resume)
+    except (ConfigError, checkpoint.CheckpointError) as exc:
+        print(f"gd-train (rank {rank}): error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingAborted as exc:
+        print(f"gd-train (rank {rank}): aborted: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ABORTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
