@@ -1,7 +1,11 @@
 """`gd-generate`: config -> student (+ adapters) -> streaming generator (Algorithm 1) -> latents / mp4.
 
-    gd-generate --config configs/model/tiny.yaml --latent-frames 8 --seed 0 --out runs/gen/sample.safetensors \
+One video:
+    gd-generate --config configs/model/tiny.yaml --latent-frames 8 --seed 0 --out runs/gen/sample.safetensors \\
         --mp4 runs/gen/sample.mp4 [--prompt TEXT | --prompt-embeds FILE] [--adapters DIR] [--no-kv-cache] [KEY=VALUE ...]
+A prompt list, named the way VBench's evaluation expects (`DIR/<prompt>-<index>.mp4`, index 0..K-1):
+    gd-generate --config CFG --adapters DIR --prompt-file prompts.txt --vbench-dir videos/greedy_distill/ \\
+        --samples-per-prompt 5 --latent-frames 21
 """
 
 from __future__ import annotations
@@ -9,26 +13,31 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from gd_train.config import ConfigError, latent_shape, load_config, to_yaml
-from gd_train.flow import few_step_sigmas
+from gd_train.config import ConfigError, load_config, to_yaml
+
+VBENCH_NAME_LIMIT = 180  # VBench truncates long prompts to this many characters in file names
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gd-generate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default="configs/model/tiny.yaml", help="YAML config (default: the tiny model)")
     p.add_argument("--latent-frames", type=int, default=None, help="latent frames to stream (default: generate.latent_frames)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: generate.seed)")
-    p.add_argument("--out", required=True, help="output .safetensors; holds `latents` (1, 16, N, H, W)")
+    p.add_argument("--out", default=None, help="output .safetensors; holds `latents` (1, 16, N, H, W)")
     p.add_argument("--mp4", default=None, help="also decode with the VAE and write this mp4")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="text prompt, encoded by the configured UMT5 encoder")
     prompt.add_argument("--prompt-embeds", default=None, help="safetensors file with `prompt_embeds` (tokens, dim)")
+    prompt.add_argument("--prompt-file", default=None, help="one prompt per line (with --vbench-dir)")
+    p.add_argument("--vbench-dir", default=None, help="write <dir>/<prompt>-<index>.mp4 for every prompt")
+    p.add_argument("--samples-per-prompt", type=int, default=5, help="videos per prompt in --vbench-dir mode")
     p.add_argument("--adapters", default=None, help="exported adapters folder (etm/, sdd/, cf_proj.safetensors)")
     p.add_argument("--steps", default=None, help="comma-separated step list (default: student.denoising_steps)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the history every chunk (slow; for checks)")
@@ -46,14 +55,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+@dataclass
+class StreamResult:
+    latents: torch.Tensor  # (1, 16, N, H, W) on CPU
+    generate_s: float
+    decode_s: float
+    first_chunk_s: float
+    mp4_frames: int
+
+
+class Generator:
+    """Everything loaded once (student, text encoder, VAE), then any number of videos."""
+
+    def __init__(self, cfg, device: torch.device, adapters: Optional[str], kv_cache: bool,
+                 steps: Optional[list[int]], need_text: bool, need_vae: bool):
+        from gd_train.infer.stream import StreamingGenerator, StreamSettings
+        from gd_train.model.backbone import PromptEncoder, load_vae
+        from gd_train.model.student import GreedyDistillStudent
+
+        self.cfg, self.device = cfg, device
+        self.student = GreedyDistillStudent.from_config(cfg, device=device)
+        if adapters:
+            self.student.load_adapters(adapters)
+        self.student.eval()
+        self.settings = StreamSettings.from_config(cfg, kv_cache=kv_cache, steps=steps)
+        self.stream = StreamingGenerator(self.student, self.settings)
+        self.encoder = PromptEncoder(cfg, device=device) if need_text else None
+        self.vae = load_vae(cfg).to(device) if need_vae else None
+        self.negative = None
+        if self.encoder is not None and self.settings.guidance_scale != 1.0:
+            self.negative = self.encoder.encode_padded([cfg.student.negative_prompt])
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return self.encoder.encode_padded([prompt])
+
+    def run(self, prompt_embeds: torch.Tensor, n_frames: int, seed: int, mp4: Optional[Path],
+            negative: Optional[torch.Tensor] = None, progress: bool = True) -> StreamResult:
+        from tqdm import tqdm
+
+        from gd_train.media import Mp4Writer, StreamingDecoder
+
+        writer = Mp4Writer(mp4, fps=self.cfg.video.fps) if mp4 is not None else None
+        decoder = StreamingDecoder(self.vae) if mp4 is not None else None
+        negative = negative if negative is not None else self.negative
+        frames, generate_s, decode_s, first_chunk_s = [], 0.0, 0.0, None
+        chunks = self.stream.stream(prompt_embeds.to(self.device), n_frames, seed, negative)
+        tick = time.perf_counter()
+        try:
+            for frame in tqdm(chunks, total=n_frames, desc="chunks", unit="chunk", file=sys.stderr,
+                              disable=not progress):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                generate_s += time.perf_counter() - tick
+                first_chunk_s = generate_s if first_chunk_s is None else first_chunk_s
+                frames.append(frame.float().cpu())
+                if writer is not None:  # decode as we go: memory stays flat however long the stream
+                    t0 = time.perf_counter()
+                    writer.write(decoder.decode(frame)[0])
+                    decode_s += time.perf_counter() - t0
+                tick = time.perf_counter()
+        except BaseException:
+            if writer is not None:
+                writer.__exit__(*sys.exc_info())
+            raise
+        if writer is not None:
+            writer.close()
+        return StreamResult(torch.cat(frames, dim=2), generate_s, decode_s, first_chunk_s,
+                            writer.frames if writer is not None else 0)
+
+
 def run(args: argparse.Namespace) -> int:
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-
-    from gd_train.infer.stream import StreamingGenerator, StreamSettings
-    from gd_train.model.backbone import PromptEncoder, pad_prompt_embeds
-    from gd_train.model.student import GreedyDistillStudent
-
     cfg = load_config(args.config, args.overrides)
     n_frames = args.latent_frames if args.latent_frames is not None else cfg.generate.latent_frames
     if n_frames < 1:
@@ -61,77 +132,103 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else cfg.generate.seed
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: expected a .safetensors file name")
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    if args.vbench_dir or args.prompt_file:
+        return run_prompt_list(args, cfg, n_frames, seed, device, steps)
+    if args.out is None or Path(args.out).suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: expected a .safetensors file name")
 
-    student = GreedyDistillStudent.from_config(cfg, device=device)
-    if args.adapters:
-        student.load_adapters(args.adapters)
-    student.eval()
-
+    gen = Generator(cfg, device, args.adapters, kv_cache=not args.no_kv_cache, steps=steps,
+                    need_text=args.prompt_embeds is None, need_vae=args.mp4 is not None)
     text_prompt = None
+    negative = None
     if args.prompt_embeds:
+        from safetensors.torch import load_file
+
+        from gd_train.model.backbone import pad_prompt_embeds
+
         tensors = load_file(args.prompt_embeds)
         if "prompt_embeds" not in tensors:
             raise ValueError(f"--prompt-embeds {args.prompt_embeds}: no `prompt_embeds` tensor inside")
         emb = tensors["prompt_embeds"]
-        emb = emb[0] if emb.ndim == 3 else emb
-        prompt_embeds = pad_prompt_embeds([emb], cfg.model.max_text_tokens)
-        negative = None
+        prompt_embeds = pad_prompt_embeds([emb[0] if emb.ndim == 3 else emb], cfg.model.max_text_tokens)
+        if gen.settings.guidance_scale != 1.0:
+            if "negative_prompt_embeds" not in tensors:
+                raise ValueError(f"--prompt-embeds {args.prompt_embeds}: guidance needs `negative_prompt_embeds` too")
+            negative = pad_prompt_embeds([tensors["negative_prompt_embeds"]], cfg.model.max_text_tokens)
     else:
         text_prompt = args.prompt if args.prompt is not None else cfg.generate.prompt
-        encoder = PromptEncoder(cfg, device=device)
-        prompt_embeds = encoder.encode_padded([text_prompt])
-        negative = encoder.encode_padded([cfg.student.negative_prompt]) if cfg.student.guidance_scale != 1.0 else None
-        del encoder
+        prompt_embeds = gen.encode(text_prompt)
 
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
-    settings = StreamSettings.from_config(cfg, kv_cache=not args.no_kv_cache, steps=steps)
-    generator = StreamingGenerator(student, settings)
+    result = gen.run(prompt_embeds, n_frames, seed, Path(args.mp4) if args.mp4 else None, negative=negative)
+    from safetensors.torch import save_file
 
-    writer = decoder = None
-    if args.mp4:
-        from gd_train.media import Mp4Writer, StreamingDecoder
-        from gd_train.model.backbone import load_vae
-
-        decoder = StreamingDecoder(load_vae(cfg).to(device))
-        writer = Mp4Writer(args.mp4, fps=cfg.video.fps)
-
-    frames = []
-    generate_s = decode_s = 0.0
-    first_chunk_s = None
-    tick = time.perf_counter()
-    for frame in tqdm(generator.stream(prompt_embeds.to(device), n_frames, seed, negative), total=n_frames,
-                      desc="chunks", unit="chunk", file=sys.stderr):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        generate_s += time.perf_counter() - tick
-        first_chunk_s = generate_s if first_chunk_s is None else first_chunk_s
-        frames.append(frame.float().cpu())
-        if writer is not None:  # decode as we go: memory stays flat however long the stream
-            t0 = time.perf_counter()
-            writer.write(decoder.decode(frame)[0])
-            decode_s += time.perf_counter() - t0
-        tick = time.perf_counter()
-    latents = torch.cat(frames, dim=2)
-
+    out = Path(args.out)
     meta = {"seed": str(seed), "latent_frames": str(n_frames), "kv_cache": str(not args.no_kv_cache),
-            "flow_shift": str(cfg.student.flow_shift), "sigmas": ",".join(f"{s:.6f}" for s in settings.sigmas),
-            "prompt": text_prompt or "", "config": to_yaml(cfg)}
+            "flow_shift": str(cfg.student.flow_shift), "sigmas": ",".join(f"{s:.6f}" for s in gen.settings.sigmas),
+            "prompt": text_prompt or "", "adapters": args.adapters or "", "config": to_yaml(cfg)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(out), metadata=meta)
-    print(f"wrote {out} latents {tuple(latents.shape)}")
-
+    save_file({"latents": result.latents.contiguous()}, str(out), metadata=meta)
+    print(f"wrote {out} latents {tuple(result.latents.shape)}")
     video_frames = 1 + 4 * (n_frames - 1)
-    if writer is not None:
-        writer.close()
-        print(f"wrote {args.mp4} ({writer.frames} frames, {cfg.video.width}x{cfg.video.height}, {cfg.video.fps} fps)")
-    _, _, h, w = latent_shape(cfg, n_frames)
-    print(f"generated {n_frames} latent frames ({video_frames} video frames, latent {h}x{w}) in {generate_s:.2f} s: "
-          f"{video_frames / generate_s:.2f} video frames/s, first chunk {first_chunk_s:.3f} s (without VAE decode)")
-    if writer is not None:
-        print(f"with VAE decode: {video_frames / (generate_s + decode_s):.2f} video frames/s")
+    if args.mp4:
+        print(f"wrote {args.mp4} ({result.mp4_frames} frames, {cfg.video.width}x{cfg.video.height}, {cfg.video.fps} fps)")
+    print(f"generated {n_frames} latent frames ({video_frames} video frames) in {result.generate_s:.2f} s: "
+          f"{video_frames / result.generate_s:.2f} video frames/s, first chunk {result.first_chunk_s:.3f} s "
+          f"(without VAE decode)")
+    if args.mp4:
+        print(f"with VAE decode: {video_frames / (result.generate_s + result.decode_s):.2f} video frames/s")
+    return 0
+
+
+def vbench_file_name(prompt: str, index: int) -> str:
+    return f"{prompt[:VBENCH_NAME_LIMIT]}-{index}.mp4"
+
+
+def read_prompt_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: not found (expected a text file, one prompt per line)")
+    prompts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if "/" in prompt or "\0" in prompt:
+            raise ValueError(f"--prompt-file {path}: line {number} holds '/', which cannot stand in a VBench file name")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"--prompt-file {path}: no prompts (expected one per line)")
+    return prompts
+
+
+def run_prompt_list(args, cfg, n_frames: int, seed: int, device: torch.device, steps) -> int:
+    """Every prompt x `--samples-per-prompt` videos, named as VBench expects. Sample k of prompt i uses
+    seed `seed + i * K + k`, so any subset can be regenerated alone; existing files are kept (resume)."""
+    if not (args.vbench_dir and args.prompt_file):
+        raise ValueError("--prompt-file and --vbench-dir go together")
+    if args.samples_per_prompt < 1:
+        raise ValueError(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
+    prompts = read_prompt_file(args.prompt_file)
+    out_dir = Path(args.vbench_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = Generator(cfg, device, args.adapters, kv_cache=not args.no_kv_cache, steps=steps,
+                    need_text=True, need_vae=True)
+    K = args.samples_per_prompt
+    done = skipped = 0
+    for i, prompt in enumerate(prompts):
+        embeds = None
+        for k in range(K):
+            path = out_dir / vbench_file_name(prompt, k)
+            if path.exists():
+                skipped += 1
+                continue
+            embeds = gen.encode(prompt) if embeds is None else embeds
+            gen.run(embeds, n_frames, seed + i * K + k, path, progress=False)
+            done += 1
+        print(f"[{i + 1}/{len(prompts)}] {prompt[:60]!r}: {K} videos", flush=True)
+    print(f"wrote {done} videos to {out_dir} ({skipped} already there); evaluate with VBench's "
+          f"`--videos_path {out_dir}`")
     return 0
 
 

@@ -66,3 +66,26 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last and last.startswith("gd-generate: error:")
+
+
+def test_prompt_list_is_rendered_with_vbench_file_names(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog surfing a wave\n\nA 3D model of a 1800s victorian house.\n")
+    out = tmp_path / "videos"
+    proc = run("--prompt-file", str(prompts), "--vbench-dir", str(out), "--samples-per-prompt", "2",
+               "--latent-frames", "2")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["A 3D model of a 1800s victorian house.-0.mp4", "A 3D model of a 1800s victorian house.-1.mp4",
+                     "a dog surfing a wave-0.mp4", "a dog surfing a wave-1.mp4"]
+    assert read_mp4(out / names[0]).shape[0] == 5
+    assert "wrote 4 videos" in proc.stdout
+    again = run("--prompt-file", str(prompts), "--vbench-dir", str(out), "--samples-per-prompt", "2",
+                "--latent-frames", "2")
+    assert "wrote 0 videos" in again.stdout and "(4 already there)" in again.stdout
+
+
+def test_prompt_list_with_a_slash_names_the_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fine prompt\nan AC/DC concert\n")
+    proc = run("--prompt-file", str(prompts), "--vbench-dir", str(tmp_path / "v"), check=False)
+    assert proc.returncode == 2 and "line 2 holds '/'" in proc.stderr
