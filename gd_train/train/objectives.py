@@ -186,51 +186,74 @@ class RLFineTuneLoss(nn.Module):
 
     # -- the loss ---------------------------------------------------------------------------------------
     def forward(self, prompt_embeds: torch.Tensor, frame: int, step_index: int, seed: int) -> torch.Tensor:
+        gen = _generator(self.student.device_, seed)
+        rollout = self.rollout_to(prompt_embeds, frame, step_index, seed, gen)
+        mu = self.one_step(rollout)
+        x0_real, x0_gen, sigma_s = self.scores(rollout, mu.detach(), gen)
+        with torch.no_grad():
+            self.last_stats = {"score_sigma": sigma_s, "mu_to_teacher_x0": float((mu - x0_real).abs().mean()),
+                               "gen_minus_real_x0": float((x0_gen - x0_real).abs().mean())}
+        return dmd_loss(mu, x0_real, x0_gen)
+
+    def rollout_to(self, prompt_embeds: torch.Tensor, frame: int, step_index: int, seed: int,
+                   gen: torch.Generator) -> "Rollout":
+        """The student on its own predictions: x_0 .. x_{f-1} by Algorithm 1, then chunk f from noise down
+        to level t. No gradient: the policy gradient flows through the last step only."""
         student = self.student
         device, dtype = student.device_, student.dtype
         text = prompt_embeds.to(device=device, dtype=dtype)
-        B = text.shape[0]
-        negative = self.negative_embeds.to(dtype) if self.negative_embeds is not None else None
+        negative = self.negative_embeds.to(dtype).expand_as(text) if self.negative_embeds is not None else None
         guide = _Guidance(text, negative, self.student_scale)
-        gen = _generator(device, seed)
-        sigma_t = self.sigmas[step_index]
-
-        # Rollout on the student's own predictions: x_0 .. x_{f-1} by Algorithm 1, then chunk f from
-        # noise down to level t. No gradient (the policy gradient flows through the last step only).
         with torch.no_grad():
             history = self.rollout.generate(text, frame, seed=seed, negative_embeds=negative)  # (B, C, f, H, W)
-        first, prev = guide.batch(history[:, :, :1]), guide.batch(history[:, :, -1:])
-        cond = student.etm_recompute(guide.batch(history), guide.text)  # c_f, with gradient into the ETM
-        _, C, _, H, W = history.shape
-        x_t = torch.randn((B, C, 1, H, W), generator=gen, device=device).to(dtype)
-        with torch.no_grad():
+            first, prev = guide.batch(history[:, :, :1]), guide.batch(history[:, :, -1:])
+            cond = student.etm_recompute(guide.batch(history), guide.text)
+            B, C, _, H, W = history.shape
+            x_t = torch.randn((B, C, 1, H, W), generator=gen, device=device).to(dtype)
             for sigma, sigma_next in zip(self.sigmas[:step_index], self.sigmas[1:step_index + 1]):
-                v = guide.combine(student.sdd_recompute(first, prev, guide.batch(x_t), sigma, frame, cond.detach(), guide.text))
+                v = guide.combine(student.sdd_recompute(first, prev, guide.batch(x_t), sigma, frame, cond, guide.text))
                 x_t = x_t + (sigma_next - sigma) * v
+        return Rollout(text=text, negative=negative, guide=guide, history=history, first=first, prev=prev,
+                       cond=cond, x_t=x_t, frame=frame, step_index=step_index)
 
-        # μ_θ(x_t^f): the student's one-step x̂0 at level t — the only step with a gradient.
-        v_student = guide.combine(student.sdd_recompute(first, prev, guide.batch(x_t), sigma_t, frame, cond, guide.text))
-        mu = predict_x0(x_t.float(), v_student.float(), sigma_t)
+    def one_step(self, r: "Rollout") -> torch.Tensor:
+        """μ_θ(x_t^f): the student's x̂0 at level t, with gradient into the SDD, c_f and the ETM."""
+        student, guide = self.student, r.guide
+        cond = student.etm_recompute(guide.batch(r.history), guide.text)  # c_f on the (detached) rollout
+        sigma_t = self.sigmas[r.step_index]
+        v = guide.combine(student.sdd_recompute(r.first, r.prev, guide.batch(r.x_t), sigma_t, r.frame, cond, guide.text))
+        return predict_x0(r.x_t.float(), v.float(), sigma_t)
 
-        # Re-noise μ, score it. Teacher: the whole rolled-out clip x_0..x_{f-1}, μ noised at one level
-        # (the teacher was trained with one level for all frames), chunk f read from its prediction.
-        with torch.no_grad():
-            sigma_s = self.score_sigma(step_index, gen)
-            clip = torch.cat([history.float(), mu.detach()], dim=2)
-            noisy_clip = add_noise(clip, torch.randn(clip.shape, generator=gen, device=device), sigma_s).to(dtype)
-            noisy_f = noisy_clip[:, :, -1:]
-            teacher = _Guidance(text, negative, self.teacher_scale)
-            timestep = torch.full((teacher.text.shape[0],), sigma_s * 1000.0, device=device)
-            v_real = teacher.combine(student.teacher_velocity(teacher.batch(noisy_clip), timestep, teacher.text))[:, :, -1:]
-            v_gen = guide.combine(student.sdd_recompute(first, prev, guide.batch(noisy_f), sigma_s, frame, cond.detach(), guide.text))
-            x0_real = predict_x0(noisy_f.float(), v_real.float(), sigma_s)
-            x0_gen = predict_x0(noisy_f.float(), v_gen.float(), sigma_s)
-        loss = dmd_loss(mu, x0_real, x0_gen)
-        with torch.no_grad():
-            self.last_stats = {"score_sigma": float(sigma_s),
-                               "mu_to_teacher_x0": float((mu - x0_real).abs().mean()),
-                               "gen_minus_real_x0": float((x0_gen - x0_real).abs().mean())}
-        return loss
+    @torch.no_grad()
+    def scores(self, r: "Rollout", mu: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(x̂0_real, x̂0_gen, level) of μ re-noised. The teacher sees the whole rolled-out clip
+        x_0..x_{f-1}, μ noised at one level (it was trained with one level for all frames) and chunk f is
+        read from its prediction; the SDD scores the same noised chunk with its own context."""
+        student, guide = self.student, r.guide
+        device, dtype = student.device_, student.dtype
+        sigma_s = self.score_sigma(r.step_index, gen)
+        clip = torch.cat([r.history.float(), mu.float()], dim=2)
+        noisy_clip = add_noise(clip, torch.randn(clip.shape, generator=gen, device=device), sigma_s).to(dtype)
+        noisy_f = noisy_clip[:, :, -1:]
+        teacher = _Guidance(r.text, r.negative, self.teacher_scale)
+        timestep = torch.full((teacher.text.shape[0],), sigma_s * 1000.0, device=device)
+        v_real = teacher.combine(student.teacher_velocity(teacher.batch(noisy_clip), timestep, teacher.text))[:, :, -1:]
+        v_gen = guide.combine(student.sdd_recompute(r.first, r.prev, guide.batch(noisy_f), sigma_s, r.frame, r.cond, guide.text))
+        return predict_x0(noisy_f.float(), v_real.float(), sigma_s), predict_x0(noisy_f.float(), v_gen.float(), sigma_s), sigma_s
+
+
+@dataclass
+class Rollout:
+    text: torch.Tensor
+    negative: Optional[torch.Tensor]
+    guide: _Guidance
+    history: torch.Tensor  # clean x_0 .. x_{f-1} the student generated, (B, C, f, H, W)
+    first: torch.Tensor  # the SDD's context: x_0 ...
+    prev: torch.Tensor  # ... and x_{f-1} (doubled under guidance)
+    cond: torch.Tensor  # c_f of the rollout, without gradient
+    x_t: torch.Tensor  # chunk f at level t, (B, C, 1, H, W)
+    frame: int
+    step_index: int
 
 
 def build_objective(cfg: DictConfig, student: GreedyDistillStudent,
