@@ -145,10 +145,12 @@ class GenerateConfig:
 
 @dataclass
 class PromptFilters:
-    min_aesthetic_score: Optional[float] = None
-    min_motion_score: Optional[float] = None
-    max_prompts: Optional[int] = None  # keep the first N valid rows (after the other filters)
-    dedupe_captions: bool = True
+    """Which valid CSV rows become prompts (applied in this order; every drop is counted)."""
+
+    min_aesthetic_score: Optional[float] = None  # OpenVidHD's `aesthetic score` column
+    min_motion_score: Optional[float] = None  # OpenVidHD's `motion score` column
+    dedupe_captions: bool = True  # keep the first row of each caption
+    max_prompts: Optional[int] = None  # keep the first N rows left after the filters above
 
 
 @dataclass
@@ -156,15 +158,22 @@ class DatagenConfig:
     """Teacher-data generation (`data_pipeline/gen_teacher.py`)."""
 
     samples_per_shard: int = 8
-    num_workers: int = 1  # Ray actors, one per GPU on a GPU cluster
-    num_gpus_per_worker: float = 0.0
+    num_workers: int = 1  # Ray actors, each loading the teacher once; 0 = one per GPU of the cluster
+    num_gpus_per_worker: float = 0.0  # 1 on a GPU cluster (0: CPU actors)
     num_cpus_per_worker: float = 1.0
-    max_attempts: int = 3  # per shard, then reported as failed
+    max_attempts: int = 3  # per shard, then reported as failed (a rerun tries it again)
+    max_worker_restarts: int = 3  # Ray restarts of a dead actor before it is retired
+    batch_size: int = 1  # prompts per pipeline call
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     flow_shift: float = 3.0  # diffusers' Wan2.1 480p value
     negative_prompt: str = WAN_NEGATIVE_PROMPT
-    preview_fraction: float = 0.0  # fraction of samples that also get a preview mp4
+    storage_dtype: str = "float32"  # float32 | bfloat16: how latents and prompt embeddings are stored
+    preview_fraction: float = 0.0  # fraction of samples that also get a preview mp4 (chosen by key)
+    progress_every_s: float = 30.0  # at most this long between progress lines
+    # Testing: the worker process exits abruptly after writing the first sample of this shard, on the
+    # shard's first attempt only (a worker death mid-shard, for the retry path).
+    fault_kill_shard: Optional[int] = None
     filters: PromptFilters = field(default_factory=PromptFilters)
 
 

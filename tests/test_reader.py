@@ -160,7 +160,7 @@ def test_undecodable_sample_is_counted_and_its_slot_refilled(shard_dir, caplog):
     name = SHARD_NAME.format(index=1)
     raw = list(wds.tarfile_samples([{"url": str(folder / name)}]))
     raw[2]["safetensors"] = b"not a safetensors payload"
-    with wds.TarWriter(str(folder / name), encoder=False, mtime=0.0) as writer:
+    with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
         for sample in raw:
             writer.write({k: v for k, v in sample.items() if k != "__url__"})
     manifest = Manifest.load(folder)

@@ -124,7 +124,8 @@ def write_shard(path: str | os.PathLike, samples: Iterable[TeacherSample], *, at
     keys: list[str] = []
     try:
         with open(tmp, "wb") as fh:
-            with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
+            # An int mtime: a float one makes tarfile add a PAX header to every member.
+            with wds.TarWriter(fh, encoder=False, mtime=0) as writer:
                 for sample in samples:
                     writer.write(encode_sample(sample))
                     keys.append(sample.key)

@@ -1,0 +1,376 @@
+"""Teacher-data generation as a Ray job: OpenVidHD prompts -> Wan teacher latents -> WebDataset shards.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python data_pipeline/gen_teacher.py --config configs/datagen.yaml \\
+        prompts_csv=/data/OpenVidHD.csv output_dir=/shared/teacher_shards [KEY=VALUE ...]
+
+Any config key can be overridden as KEY=VALUE (e.g. `datagen.num_workers=0 pretrained_path=/models/wan`;
+see configs/datagen.yaml). Under `ray job submit` (RAY_ADDRESS is set) the job joins that cluster;
+run directly, it starts a private local Ray instance. On a cluster, `output_dir` must be an absolute
+path on a filesystem every node sees (checked: a worker that cannot see it is retired).
+
+What it guarantees:
+- the prompts are cut into shards in CSV order (`samples_per_shard` each), so the layout and, through
+  key-derived seeds, the samples are the same on every run;
+- a shard appears under its final name only when complete, and `manifest.json` lists the finished ones
+  (counts, size, checksums); a rerun of the same command skips them and writes only what is missing;
+- a worker that dies mid-shard (Ray restarts it) or fails has the shard retried, at most
+  `datagen.max_attempts` times, then reported; the exit status is 1 while any shard is unfinished;
+- progress lines (shards done/total, samples/s, ETA) while it runs, a summary at the end, and
+  `gen_teacher_report.json` (bad rows, failures) in `output_dir`.
+One job per output_dir at a time: it removes the `.partial` files dead attempts left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python data_pipeline/gen_teacher.py` puts only data_pipeline/ on the path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data_pipeline.prompts import Prompt, PromptReport, read_prompts  # noqa: E402
+from data_pipeline.teacher import (  # noqa: E402
+    STORAGE_DTYPES,
+    ShardResult,
+    ShardTask,
+    TeacherWorker,
+    describe_worker_error,
+    sampling_settings,
+)
+from gd_train.config import ConfigError, as_container, load_config  # noqa: E402
+from gd_train.data.shards import PARTIAL_SUFFIX, Manifest, keys_digest  # noqa: E402
+
+REPORT_NAME = "gen_teacher_report.json"
+VISIBILITY_MARKER = ".gen_teacher_output_dir"
+
+
+def log(message: str) -> None:
+    print(f"[gen_teacher] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan and output folder
+# --------------------------------------------------------------------------------------------------
+def plan_shards(prompts: Sequence[Prompt], samples_per_shard: int) -> list[ShardTask]:
+    return [ShardTask(index=i, prompts=tuple(prompts[begin:begin + samples_per_shard]))
+            for i, begin in enumerate(range(0, len(prompts), samples_per_shard))]
+
+
+def manifest_settings(cfg) -> dict[str, Any]:
+    return {**sampling_settings(cfg), "samples_per_shard": cfg.datagen.samples_per_shard}
+
+
+def open_output(output_dir: Path, cfg, tasks: Sequence[ShardTask]) -> tuple[Manifest, list[ShardTask]]:
+    """The manifest (new or the previous run's, checked against this plan) and the tasks still to do."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(f"*{PARTIAL_SUFFIX}"):  # files of attempts that died
+        stale.unlink()
+    settings = manifest_settings(cfg)
+    manifest = Manifest.load(output_dir)
+    if manifest is None:
+        manifest = Manifest(settings=settings, total_shards=len(tasks))
+    elif manifest.settings != settings:
+        changed = sorted(k for k in set(settings) | set(manifest.settings) if settings.get(k) != manifest.settings.get(k))
+        raise ConfigError(f"output_dir '{output_dir}': its shards were made with other settings "
+                          f"({', '.join(f'{k}={manifest.settings.get(k)!r}' for k in changed)}); this run has "
+                          f"({', '.join(f'{k}={settings.get(k)!r}' for k in changed)}): use a new output_dir")
+    by_name = {t.name: t for t in tasks}
+    for name, record in manifest.shards.items():
+        task = by_name.get(name)
+        if task is None or keys_digest(p.key for p in task.prompts) != record.keys_sha256:
+            raise ConfigError(f"output_dir '{output_dir}': {name} holds other prompts than this run plans for it "
+                              "(the CSV or the filters changed?): use a new output_dir")
+    todo = []
+    for task in tasks:
+        record = manifest.shards.get(task.name)
+        path = output_dir / task.name
+        if record is not None and path.is_file() and path.stat().st_size == record.bytes:
+            continue
+        if record is not None:
+            log(f"{task.name} is in the manifest but {'missing' if not path.is_file() else 'has another size'}: "
+                "generating it again")
+            del manifest.shards[task.name]
+        todo.append(task)
+    manifest.total_shards = len(tasks)
+    manifest.save(output_dir)
+    return manifest, todo
+
+
+def check_datagen(cfg) -> None:
+    d = cfg.datagen
+    problems = [(d.samples_per_shard >= 1, "datagen.samples_per_shard", ">= 1"),
+                (d.max_attempts >= 1, "datagen.max_attempts", ">= 1"),
+                (d.batch_size >= 1, "datagen.batch_size", ">= 1"),
+                (d.max_worker_restarts >= 0, "datagen.max_worker_restarts", ">= 0"),
+                (0.0 <= d.preview_fraction <= 1.0, "datagen.preview_fraction", "in [0, 1]"),
+                (d.storage_dtype in STORAGE_DTYPES, "datagen.storage_dtype", " | ".join(STORAGE_DTYPES))]
+    for ok, key, expected in problems:
+        if not ok:
+            raise ConfigError(f"key '{key}': expected {expected}, got {OmegaConf.select(cfg, key)!r}")
+    if cfg.prompts_csv is None:
+        raise ConfigError("key 'prompts_csv': not set (give prompts_csv=PATH to an OpenVidHD-layout CSV)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------
+def joins_cluster() -> bool:
+    """`ray job submit` runs the entry point with RAY_ADDRESS set to its cluster."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def connect_ray() -> str:
+    import ray
+
+    if joins_cluster():
+        ray.init(address="auto", logging_level=logging.WARNING)
+        return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
+    # address="local": never attach to some other cluster that happens to run on this machine.
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    return "started a local Ray instance (no RAY_ADDRESS)"
+
+
+def worker_count(cfg) -> int:
+    import ray
+
+    d = cfg.datagen
+    if d.num_workers > 0:
+        return d.num_workers
+    resources = ray.cluster_resources()
+    if d.num_gpus_per_worker > 0:
+        return max(1, int(resources.get("GPU", 0) // d.num_gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1) // max(d.num_cpus_per_worker, 1e-9)))
+
+
+@dataclass
+class Attempt:
+    shard: str
+    attempt: int
+    error: str
+
+
+@dataclass
+class Outcome:
+    written: list[ShardResult] = field(default_factory=list)
+    failed_attempts: list[Attempt] = field(default_factory=list)
+    failed_shards: list[str] = field(default_factory=list)
+    retired_workers: list[str] = field(default_factory=list)
+
+
+class Progress:
+    def __init__(self, total_shards: int, done_shards: int, total_samples: int, done_samples: int, every_s: float):
+        self.total_shards, self.done_shards = total_shards, done_shards
+        self.total_samples, self.done_samples = total_samples, done_samples
+        self.every_s, self.start = every_s, None  # the clock starts when the first worker is ready
+        self.new_samples, self.failed, self.retried = 0, 0, 0
+        self.last = 0.0
+
+    def start_clock(self) -> None:
+        self.start = self.start or time.monotonic()
+
+    def rate(self) -> float:
+        """Samples per second written by this run since a worker first had the teacher loaded."""
+        return 0.0 if self.start is None else self.new_samples / max(time.monotonic() - self.start, 1e-9)
+
+    def maybe_print(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate, left = self.rate(), self.total_samples - self.done_samples
+        eta = _duration(left / rate) if rate > 0 else "?"
+        log(f"shards {self.done_shards}/{self.total_shards} done ({self.failed} failed, {self.retried} retried) | "
+            f"samples {self.done_samples}/{self.total_samples} | {rate:.2f} samples/s | ETA {eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardTask], progress: Progress) -> Outcome:
+    """Hand the shards to Ray actors (one teacher each) until every shard is written or has failed
+    `max_attempts` times. The driver owns retries: Ray restarts a dead actor (`max_worker_restarts`)
+    but never re-runs a task by itself (`max_task_retries=0`), so attempts are counted here."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    d = cfg.datagen
+    outcome = Outcome()
+    (output_dir / VISIBILITY_MARKER).write_text("written by the gen_teacher driver\n")
+    actor_cls = ray.remote(TeacherWorker).options(
+        num_cpus=d.num_cpus_per_worker, num_gpus=d.num_gpus_per_worker,
+        max_restarts=d.max_worker_restarts, max_task_retries=0)
+    config = as_container(cfg)
+    workers = min(worker_count(cfg), len(todo))
+    actors = [actor_cls.remote(config, str(output_dir)) for _ in range(workers)]
+    log(f"{workers} worker(s) x (num_gpus={d.num_gpus_per_worker}, num_cpus={d.num_cpus_per_worker}) for "
+        f"{len(todo)} shard(s)")
+
+    queue = deque(todo)
+    attempts: dict[str, int] = {}
+    waiting_ready = {actors[i].ready.remote(VISIBILITY_MARKER): i for i in range(workers)}
+    running: dict[Any, tuple[int, ShardTask, int]] = {}
+    idle: list[int] = []
+    alive = set(range(workers))
+
+    def fail_attempt(task: ShardTask, attempt: int, error: str) -> None:
+        outcome.failed_attempts.append(Attempt(task.name, attempt, error))
+        for leftover in output_dir.glob(f"{task.name}.attempt{attempt}-*{PARTIAL_SUFFIX}"):
+            leftover.unlink(missing_ok=True)  # what a dead attempt wrote (hundreds of MB at 480p)
+        if attempt < d.max_attempts:
+            progress.retried += 1
+            log(f"{task.name} attempt {attempt}/{d.max_attempts} failed ({error}); retrying")
+            queue.appendleft(task)
+        else:
+            progress.failed += 1
+            outcome.failed_shards.append(task.name)
+            log(f"{task.name} FAILED after {attempt} attempt(s) ({error})")
+
+    def retire(index: int, why: str) -> None:
+        alive.discard(index)
+        outcome.retired_workers.append(f"worker {index}: {why}")
+        log(f"worker {index} retired: {why}")
+        ray.kill(actors[index], no_restart=True)
+
+    while (queue or running) and (alive or running):
+        while idle and queue:
+            index, task = idle.pop(), queue.popleft()
+            attempts[task.name] = attempts.get(task.name, 0) + 1
+            running[actors[index].generate_shard.remote(task, attempts[task.name])] = (index, task, attempts[task.name])
+        pending = list(running) + list(waiting_ready)
+        done, _ = ray.wait(pending, num_returns=1, timeout=d.progress_every_s)
+        progress.maybe_print(force=not done)
+        for ref in done:
+            if ref in waiting_ready:
+                index = waiting_ready.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except (RayActorError, RayTaskError) as exc:
+                    retire(index, f"could not start ({describe_worker_error(exc)})")
+                    continue
+                if not info["sees_output_dir"]:
+                    retire(index, f"on {info['host']} it cannot see {output_dir} (not on a shared filesystem?)")
+                    continue
+                log(f"worker {index} ready on {info['host']} (pid {info['pid']}, {info['device']})")
+                progress.start_clock()
+                idle.append(index)
+                continue
+            index, task, attempt = running.pop(ref)
+            try:
+                result: ShardResult = ray.get(ref)
+            except RayActorError as exc:  # the process died: Ray restarts it, we wait until it is back
+                fail_attempt(task, attempt, f"worker {index} died: {describe_worker_error(exc)}")
+                waiting_ready[actors[index].ready.remote(VISIBILITY_MARKER)] = index
+                continue
+            except RayTaskError as exc:  # an exception in the task; the actor itself is fine
+                fail_attempt(task, attempt, describe_worker_error(exc))
+                idle.append(index)
+                continue
+            manifest.shards[result.name] = result.record
+            manifest.save(output_dir)
+            outcome.written.append(result)
+            progress.done_shards += 1
+            progress.done_samples += result.record.samples
+            progress.new_samples += result.record.samples
+            progress.maybe_print(force=True)
+            idle.append(index)
+        if not alive and not running:
+            break
+    for task in queue:  # no worker left to run them
+        outcome.failed_shards.append(task.name)
+        outcome.failed_attempts.append(Attempt(task.name, attempts.get(task.name, 0), "no worker left"))
+    (output_dir / VISIBILITY_MARKER).unlink(missing_ok=True)
+    for leftover in output_dir.glob(f"*{PARTIAL_SUFFIX}"):  # no attempt runs any more
+        leftover.unlink(missing_ok=True)
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/datagen.yaml")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (prompts_csv=..., output_dir=...)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_datagen(cfg)
+        output_dir = Path(cfg.output_dir)
+        if joins_cluster() and not output_dir.is_absolute():
+            raise ConfigError(f"key 'output_dir': '{cfg.output_dir}' is relative; on a Ray cluster give an absolute "
+                              "path on a filesystem every node sees (the job runs in a temporary copy of the working dir)")
+        prompts, prompt_report = read_prompts(cfg.prompts_csv, cfg.datagen.filters)
+        for line in prompt_report.summary_lines():
+            log(line)
+        tasks = plan_shards(prompts, cfg.datagen.samples_per_shard)
+        manifest, todo = open_output(output_dir.resolve(), cfg, tasks)
+    except ConfigError as exc:
+        print(f"gen_teacher: error: {exc}", file=sys.stderr)
+        return 2
+    output_dir = output_dir.resolve()
+    total_samples = len(prompts)
+    already = len(tasks) - len(todo)
+    log(f"plan: {total_samples} prompts in {len(tasks)} shard(s) of <= {cfg.datagen.samples_per_shard}; "
+        f"{already} already finished, {len(todo)} to write into {output_dir}")
+    progress = Progress(len(tasks), already, total_samples, manifest.total_samples, cfg.datagen.progress_every_s)
+    outcome = Outcome()
+    if todo:
+        log(connect_ray())
+        outcome = run_workers(cfg, output_dir, manifest, todo, progress)
+    report = {
+        "prompts": prompt_report.to_json(),
+        "shards": {"planned": len(tasks), "already_done": already, "written": len(outcome.written),
+                   "failed": outcome.failed_shards, "finished": len(manifest.shards)},
+        "samples_in_finished_shards": manifest.total_samples,
+        "failed_attempts": [asdict(a) for a in outcome.failed_attempts],
+        "retired_workers": outcome.retired_workers,
+        "previews": sum(r.previews for r in outcome.written),
+        "seconds": round(time.monotonic() - started, 2),
+        "samples_per_s": round(progress.rate(), 3),
+    }
+    (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    print_summary(report, prompt_report, output_dir)
+    return 1 if outcome.failed_shards or len(manifest.shards) != len(tasks) else 0
+
+
+def print_summary(report: dict[str, Any], prompt_report: PromptReport, output_dir: Path) -> None:
+    s = report["shards"]
+    log("summary")
+    for line in prompt_report.summary_lines():
+        log(f"  {line}")
+    log(f"  shards: {s['planned']} planned, {s['already_done']} already done, {s['written']} written, "
+        f"{len(s['failed'])} failed{' (' + ', '.join(s['failed']) + ')' if s['failed'] else ''}; "
+        f"{report['samples_in_finished_shards']} samples in {s['finished']} finished shard(s)")
+    for attempt in report["failed_attempts"]:
+        log(f"  failed attempt: {attempt['shard']} #{attempt['attempt']}: {attempt['error']}")
+    for worker in report["retired_workers"]:
+        log(f"  retired {worker}")
+    log(f"  time {report['seconds']:.1f} s, {report['samples_per_s']:.2f} samples/s, {report['previews']} preview(s); "
+        f"report: {output_dir / REPORT_NAME}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Teacher-data generation as a Ray job (issue 3, "must show" 1 and 2), on a real local Ray head:
+`ray start --head --block` (dashboard on 127.0.0.1), `ray job submit` of gen_teacher.py, the head
+stopped by PID. Shards are read back with WebDataset and with the training reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from datagen_utils import REPO_ROOT, LocalRayHead, ray_env, session_members, write_prompts_csv
+from gd_train.config import load_config
+from gd_train.data.reader import ShardReader
+from gd_train.data.shards import Manifest, decode_sample, file_sha256
+
+pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(REPO_ROOT))
+from data_pipeline import gen_teacher  # noqa: E402
+from data_pipeline.prompts import read_prompts  # noqa: E402
+from data_pipeline.teacher import TeacherWorker, sample_seed, sampling_settings  # noqa: E402
+
+CONFIG = "configs/datagen.yaml"
+
+
+def command(csv: Path, out: Path, *overrides: str) -> list[str]:
+    return ["python", "data_pipeline/gen_teacher.py", "--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}",
+            *overrides]
+
+
+def all_samples(folder: Path):
+    """Every sample of every finished shard, straight from the tars (duplicates would show here)."""
+    raw = wds.tarfile_samples([{"url": str(p)} for p in sorted(folder.glob("shard-*.tar"))])
+    return [decode_sample(r) for r in raw]
+
+
+def job_output(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = LocalRayHead(num_cpus=2).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "openvid.csv"
+    expected, bad_rows = write_prompts_csv(path)
+    return path, expected, bad_rows
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_head, prompts, tmp_path_factory):
+    csv, _, _ = prompts
+    out = tmp_path_factory.mktemp("clean") / "shards"
+    result = ray_head.submit(command(csv, out))
+    assert result.returncode == 0, job_output(result)
+    return out, result
+
+
+def test_ray_job_writes_each_valid_prompt_exactly_once(clean_run, prompts):
+    out, result = clean_run
+    csv, expected, bad_rows = prompts
+    samples = all_samples(out)
+    counts = Counter(s.key for s in samples)
+    assert set(counts) == set(expected) and set(counts.values()) == {1}
+    assert {s.key: s.caption for s in samples} == expected  # incl. the multi-line and the cp1252 captions
+
+    # Bad rows: counted and reported with their row numbers, in the log and in the report file.
+    report = json.loads((out / gen_teacher.REPORT_NAME).read_text())
+    assert [b["row"] for b in report["prompts"]["bad_rows"]] == bad_rows
+    assert f"bad rows: {', '.join(map(str, bad_rows))}" in result.stdout
+    assert report["shards"] == {"planned": 5, "already_done": 0, "written": 5, "failed": [], "finished": 5}
+    assert re.search(r"shards \d/5 done \(0 failed, 0 retried\) \| samples \d+/36 \| [\d.]+ samples/s \| ETA ",
+                     result.stdout)
+    assert "joined the Ray cluster" in result.stdout
+
+    # Manifest: every shard, its count and checksum; nothing half-written left behind.
+    manifest = Manifest.load(out)
+    assert manifest.total_samples == 36 and len(manifest.shards) == manifest.total_shards == 5
+    for name, record in manifest.shards.items():
+        assert record.sha256 == file_sha256(out / name) and record.bytes == (out / name).stat().st_size
+    assert not list(out.glob("*.partial"))
+
+    # Each sample carries its seed (from its key), its source row and the sampling settings.
+    cfg = load_config(CONFIG, [f"prompts_csv={csv}"])
+    rows = {p.key: p.row for p in read_prompts(csv, cfg.datagen.filters)[0]}
+    for s in samples:
+        assert s.meta["seed"] == sample_seed(0, s.key) and s.meta["source_row"] == rows[s.key]
+        assert s.meta["settings"] == sampling_settings(cfg) == {k: v for k, v in manifest.settings.items()
+                                                               if k != "samples_per_shard"}
+        assert s.latents.shape == (16, 6, 8, 12) and s.latents.dtype == torch.float32
+        assert 0 < s.prompt_embeds.shape[0] < cfg.model.max_text_tokens  # stored unpadded
+
+    # The training reader reads the job's output as it is.
+    reader_cfg = load_config(CONFIG, [f"data.shards={out}", "data.num_workers=0", "data.shuffle_buffer=0",
+                                      "train.micro_batch_size=1"])
+    reader = ShardReader.from_config(reader_cfg, rank=0, world_size=1)
+    assert sorted(k for b in reader.epoch(0) for k in b.keys) == sorted(expected)
+
+
+def test_a_sample_is_reproduced_from_its_key(clean_run, prompts, tmp_path):
+    out, _ = clean_run
+    stored = all_samples(out)[9]
+    cfg = load_config(CONFIG)
+    worker = TeacherWorker(gen_teacher.as_container(cfg), str(tmp_path))
+    prompt = next(p for p in read_prompts(prompts[0], cfg.datagen.filters)[0] if p.key == stored.key)
+    again = worker.sample([prompt])[0]
+    torch.testing.assert_close(again.latents, stored.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.prompt_embeds, stored.prompt_embeds, rtol=0, atol=1e-6)
+
+
+def test_worker_killed_mid_shard_is_retried_and_a_rerun_writes_nothing(ray_head, prompts, clean_run, tmp_path):
+    csv, expected, _ = prompts
+    out = tmp_path / "shards"
+    job = command(csv, out, "datagen.fault_kill_shard=1")
+    result = ray_head.submit(job)
+    assert result.returncode == 0, job_output(result)
+    assert re.search(r"shard-000001\.tar attempt 1/3 failed \(worker \d died: ", result.stdout), job_output(result)
+
+    report = json.loads((out / gen_teacher.REPORT_NAME).read_text())
+    assert [(a["shard"], a["attempt"]) for a in report["failed_attempts"]] == [("shard-000001.tar", 1)]
+    assert report["shards"]["written"] == 5 and report["shards"]["failed"] == []
+    counts = Counter(s.key for s in all_samples(out))
+    assert set(counts) == set(expected) and set(counts.values()) == {1}
+    assert not list(out.glob("*.partial"))  # the dead attempt's file is gone
+    # The retried shard is byte-identical to the one an undisturbed run wrote.
+    clean = Manifest.load(clean_run[0])
+    assert {n: r.sha256 for n, r in Manifest.load(out).shards.items()} == {n: r.sha256 for n, r in clean.shards.items()}
+
+    before = {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.glob("shard-*")}
+    manifest_before = (out / "manifest.json").read_text()
+    rerun = ray_head.submit(job)
+    assert rerun.returncode == 0, job_output(rerun)
+    assert "5 already finished, 0 to write" in rerun.stdout and "0 written" in rerun.stdout
+    after = {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.glob("shard-*")}
+    assert after == before and (out / "manifest.json").read_text() == manifest_before
+
+
+def test_direct_run_starts_its_own_ray_and_writes_previews(prompts, tmp_path):
+    csv, expected, _ = prompts
+    out = tmp_path / "shards"
+    proc = subprocess.Popen(
+        ["python", "data_pipeline/gen_teacher.py", "--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}",
+         "datagen.num_workers=1", "datagen.filters.max_prompts=3", "datagen.samples_per_shard=2",
+         "datagen.preview_fraction=1.0"],
+        cwd=REPO_ROOT, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        for pid in session_members(proc.pid):  # nothing should be left; make sure of it
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+    assert proc.returncode == 0, output
+    assert "started a local Ray instance" in output
+    assert sorted(s.key for s in all_samples(out)) == sorted(expected)[:3]
+    from gd_train.media import read_mp4
+
+    previews = sorted((out / "previews").glob("*.mp4"))
+    assert [p.stem for p in previews] == sorted(expected)[:3]
+    assert read_mp4(previews[0]).shape == (21, 64, 96, 3)
+
+
+def test_bad_input_fails_at_start_in_one_line(tmp_path, capsys, monkeypatch):
+    no_caption = tmp_path / "no_caption.csv"
+    no_caption.write_text("video,text,aesthetic score\nv.mp4,hello,5\n")
+    cases = [
+        ([f"prompts_csv={no_caption}"], "no 'caption' column"),
+        ([f"prompts_csv={tmp_path / 'missing.csv'}"], "no such file"),
+        (["datagen.samples_per_shard=0", f"prompts_csv={no_caption}"], "datagen.samples_per_shard"),
+        ([], "key 'prompts_csv': not set"),
+    ]
+    for overrides, message in cases:
+        assert gen_teacher.main(["--config", CONFIG, f"output_dir={tmp_path / 'out'}", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert gen_teacher.main(["--config", CONFIG, "output_dir=relative/out", f"prompts_csv={no_caption}"]) == 2
+    assert "is relative; on a Ray cluster give an absolute path" in capsys.readouterr().err
+
+
+def test_rerun_into_a_folder_of_other_settings_or_prompts_is_refused(clean_run, prompts, tmp_path, capsys):
+    out, _ = clean_run
+    csv, _, _ = prompts
+    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}",
+                             "datagen.num_inference_steps=5"]) == 2
+    assert "made with other settings (num_inference_steps=4); this run has (num_inference_steps=5)" in capsys.readouterr().err
+    fewer = tmp_path / "fewer.csv"
+    lines = csv.read_bytes().split(b"\n")
+    fewer.write_bytes(b"\n".join(lines[:1] + lines[3:]))  # drop the first prompt: every shard shifts
+    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={fewer}", f"output_dir={out}"]) == 2
+    assert "holds other prompts than this run plans for it" in capsys.readouterr().err
