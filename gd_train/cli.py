@@ -68,7 +68,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from gd_train.checkpoint import CheckpointError
     from launch.rendezvous import RendezvousError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before and after options (`--nproc 2 KEY=V --dry-run KEY=V`), which a single
+    # positional cannot take: collect the KEY=VALUE strays here.
+    args, extra = parser.parse_known_args(argv)
+    strays = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command in ("stage1", "stage2"):
             return start(args)

@@ -132,6 +132,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
     batches = _micro_batches(reader, cfg.train.epochs)
     interval = _Interval()
     last_batch: Optional[Batch] = None
+    saved_step = state.step
     while state.step < total_steps:
         step = state.step + 1
         draw = objective.draw(step)  # stage 2: (f, t) from rank 0, the same for the whole minibatch
@@ -162,6 +163,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
         if len(losses) < plan.accumulation_steps:  # the data ran out (non-finite losses used some up)
             if dist.is_main:
                 print(f"gd-train: data of {cfg.train.epochs} epoch(s) exhausted after step {state.step}", flush=True)
+            if state.step > saved_step:
+                _save(engine, student, run_dir, cfg, state, reader, fingerprint, dist.world_size, "final")
             break
 
         state.step = step
@@ -177,6 +180,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
         if step % cfg.train.checkpoint_every == 0 or stop_now or step == total_steps:
             reason = "preempted" if stop_now else ("final" if step == total_steps else "periodic")
             _save(engine, student, run_dir, cfg, state, reader, fingerprint, dist.world_size, reason)
+            saved_step = step
         if stop_now and step < total_steps:
             if dist.is_main:
                 _write_json(run_dir / PREEMPTED_FILE, {"step": step, "signal": stop.signal_name,
