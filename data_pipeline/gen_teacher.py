@@ -51,7 +51,7 @@ from data_pipeline.teacher import (  # noqa: E402
     sampling_settings,
 )
 from gd_train.config import ConfigError, as_container, load_config  # noqa: E402
-from gd_train.data.shards import PARTIAL_SUFFIX, Manifest, keys_digest  # noqa: E402
+from gd_train.data.shards import PARTIAL_SUFFIX, Manifest, ShardFormatError, keys_digest  # noqa: E402
 
 REPORT_NAME = "gen_teacher_report.json"
 VISIBILITY_MARKER = ".gen_teacher_output_dir"
@@ -75,9 +75,6 @@ def manifest_settings(cfg) -> dict[str, Any]:
 
 def open_output(output_dir: Path, cfg, tasks: Sequence[ShardTask]) -> tuple[Manifest, list[ShardTask]]:
     """The manifest (new or the previous run's, checked against this plan) and the tasks still to do."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(f"*{PARTIAL_SUFFIX}"):  # files of attempts that died
-        stale.unlink()
     settings = manifest_settings(cfg)
     manifest = Manifest.load(output_dir)
     if manifest is None:
@@ -93,6 +90,9 @@ def open_output(output_dir: Path, cfg, tasks: Sequence[ShardTask]) -> tuple[Mani
         if task is None or keys_digest(p.key for p in task.prompts) != record.keys_sha256:
             raise ConfigError(f"output_dir '{output_dir}': {name} holds other prompts than this run plans for it "
                               "(the CSV or the filters changed?): use a new output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(f"*{PARTIAL_SUFFIX}"):  # what attempts of an earlier run left when they died
+        stale.unlink()
     todo = []
     for task in tasks:
         record = manifest.shards.get(task.name)
@@ -288,7 +288,7 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
             progress.done_shards += 1
             progress.done_samples += result.record.samples
             progress.new_samples += result.record.samples
-            progress.maybe_print(force=True)
+            progress.maybe_print(force=progress.done_shards == progress.total_shards)
             idle.append(index)
         if not alive and not running:
             break
@@ -325,9 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompts, prompt_report = read_prompts(cfg.prompts_csv, cfg.datagen.filters)
         for line in prompt_report.summary_lines():
             log(line)
+        if not prompts:
+            raise ConfigError(f"prompts_csv '{cfg.prompts_csv}': no usable prompt ({prompt_report.rows} rows, "
+                              f"{len(prompt_report.bad_rows)} bad, {sum(prompt_report.filtered.values())} filtered)")
         tasks = plan_shards(prompts, cfg.datagen.samples_per_shard)
         manifest, todo = open_output(output_dir.resolve(), cfg, tasks)
-    except ConfigError as exc:
+    except (ConfigError, ShardFormatError) as exc:
         print(f"gen_teacher: error: {exc}", file=sys.stderr)
         return 2
     output_dir = output_dir.resolve()

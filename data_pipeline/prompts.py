@@ -120,16 +120,18 @@ def read_prompts(path: str | Path, filters: Any) -> tuple[list[Prompt], PromptRe
     prompts: list[Prompt] = []
     seen_keys: dict[str, int] = {}
     seen_captions: set[str] = set()
-    for row, line, fields, repaired, error in records:
+    for row, line, end_line, fields, repaired, error in records:
         report.rows += 1
         if repaired:
             report.repaired_rows.append(row)
+        # A stray quote makes one record swallow the lines after it: the span shows which.
+        span = f", spans lines {line}-{end_line}" if end_line > line else ""
         if error is not None:
-            report.bad_rows.append(BadRow(row, line, error))
+            report.bad_rows.append(BadRow(row, line, error + span))
             continue
         if len(fields) != len(header):
             report.bad_rows.append(BadRow(row, line, f"{len(fields)} fields, expected {len(header)} "
-                                                     f"({','.join(h.strip() for h in header)})"))
+                                                     f"({','.join(h.strip() for h in header)}){span}"))
             continue
         value = {name: fields[i] for name, i in index.items()}
         caption = " ".join(_CONTROL_CHARS.sub("", value["caption"]).split())
@@ -179,7 +181,7 @@ def _score(value: dict[str, str], column: str, required: bool) -> Optional[float
         return None
 
 
-Record = tuple[int, int, list[str], bool, Optional[str]]  # row, first line, fields, repaired, error
+Record = tuple[int, int, int, list[str], bool, Optional[str]]  # row, first/last line, fields, repaired, error
 
 
 def _records(path: Path) -> Iterator[Record]:
@@ -195,7 +197,9 @@ def _records(path: Path) -> Iterator[Record]:
 
 def _iterate(handle: io.TextIOBase) -> Iterator[Record]:
     with handle:
-        reader = csv.reader(handle)
+        # strict: a quote that closes a field must be followed by a comma or the line end. Without it a
+        # stray quote silently merges the following rows into one caption; with it that is an error.
+        reader = csv.reader(handle, strict=True)
         record, start_line = 0, 1  # record 0 is the header
         while True:
             try:
@@ -206,14 +210,15 @@ def _iterate(handle: io.TextIOBase) -> Iterator[Record]:
                 fields, error = [], f"not parseable as CSV ({exc})"
             if fields or error:  # the csv module yields [] for a blank line: not a row
                 repaired = any(_has_surrogates(f) for f in fields)
-                yield (record, start_line, [_redecode(f) for f in fields] if repaired else fields, repaired, error)
+                yield (record, start_line, reader.line_num, [_redecode(f) for f in fields] if repaired else fields,
+                       repaired, error)
                 record += 1
             start_line = reader.line_num + 1
 
 
 def _header(path: Path, records: Iterator[Record]) -> list[str]:
     try:
-        _, _, header, _, error = next(records)
+        _, _, _, header, _, error = next(records)
     except StopIteration:
         raise PromptFileError(f"prompts_csv '{path}': empty file (expected a header row with a 'caption' column)") from None
     if error is not None or not header:

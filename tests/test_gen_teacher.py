@@ -175,16 +175,23 @@ def test_direct_run_starts_its_own_ray_and_writes_previews(prompts, tmp_path):
 def test_bad_input_fails_at_start_in_one_line(tmp_path, capsys, monkeypatch):
     no_caption = tmp_path / "no_caption.csv"
     no_caption.write_text("video,text,aesthetic score\nv.mp4,hello,5\n")
+    (tmp_path / "all_bad.csv").write_text("video,caption\nv.mp4,\nw.mp4,a,b\n")
     cases = [
         ([f"prompts_csv={no_caption}"], "no 'caption' column"),
         ([f"prompts_csv={tmp_path / 'missing.csv'}"], "no such file"),
         (["datagen.samples_per_shard=0", f"prompts_csv={no_caption}"], "datagen.samples_per_shard"),
-        ([], "key 'prompts_csv': not set"),
+        (["prompts_csv=null"], "key 'prompts_csv': not set"),
+        ([f"prompts_csv={tmp_path / 'all_bad.csv'}"], "no usable prompt (2 rows, 2 bad, 0 filtered)"),
     ]
     for overrides, message in cases:
         assert gen_teacher.main(["--config", CONFIG, f"output_dir={tmp_path / 'out'}", *overrides]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    assert gen_teacher.main(["--config", CONFIG, f"output_dir={tmp_path / 'broken'}"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: not a shard manifest" in err and err.count("\n") == 1
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     assert gen_teacher.main(["--config", CONFIG, "output_dir=relative/out", f"prompts_csv={no_caption}"]) == 2
     assert "is relative; on a Ray cluster give an absolute path" in capsys.readouterr().err

@@ -235,3 +235,19 @@ def test_manifest_records_what_write_shard_wrote(shard_dir):
     assert record.sha256 == file_sha256(folder / SHARD_NAME.format(index=0))
     assert record.keys_sha256 == keys_digest(keys[:5])
     assert not list(folder.glob("*.partial"))
+
+
+def test_unreadable_manifest_falls_back_to_the_tars_and_an_unfinished_one_is_reported(shard_dir, caplog):
+    folder, keys = shard_dir
+    manifest = Manifest.load(folder)
+    manifest.total_shards = 9  # two planned shards never finished
+    manifest.save(folder)
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        assert make_reader(folder).samples_per_epoch == 33
+    assert "7 of 9 planned shards are finished" in caplog.text
+    caplog.clear()
+    (folder / "manifest.json").write_text("{ truncated")
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        reader = make_reader(folder)
+    assert "not a shard manifest" in caplog.text and "counting samples from the tar headers" in caplog.text
+    assert reader.samples_per_epoch == 33 and reader.stats["corrupt_shards"] == 0

@@ -90,7 +90,7 @@ def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
     for path in paths:
         folder = str(Path(path).parent)
         if folder not in manifests:
-            manifests[folder] = Manifest.load(folder)
+            manifests[folder] = _load_manifest(folder)
         record = manifests[folder].shards.get(Path(path).name) if manifests[folder] else None
         try:
             if record is not None:
@@ -109,6 +109,19 @@ def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
         if samples > 0:
             usable.append(ShardInfo(path=path, samples=samples))
     return usable, problems
+
+
+def _load_manifest(folder: str) -> Optional[Manifest]:
+    """The folder's manifest; an unreadable one is reported and the tars are counted instead."""
+    try:
+        manifest = Manifest.load(folder)
+    except ShardFormatError as exc:
+        log.warning("%s; counting samples from the tar headers instead", exc)
+        return None
+    if manifest is not None and len(manifest.shards) < manifest.total_shards:
+        log.warning("%s: %d of %d planned shards are finished (generation still running, or failed shards); "
+                    "reading the finished ones", folder, len(manifest.shards), manifest.total_shards)
+    return manifest
 
 
 def _expand(spec: str) -> list[str]:
@@ -415,7 +428,7 @@ class ShardReader:
     @classmethod
     def from_config(cls, cfg, *, rank: int, world_size: int) -> "ShardReader":
         expected = latent_shape(cfg)
-        manifest = Manifest.load(cfg.data.shards) if os.path.isdir(cfg.data.shards) else None
+        manifest = _load_manifest(cfg.data.shards) if os.path.isdir(cfg.data.shards) else None
         stored = manifest.settings.get("latent_shape") if manifest else None
         if stored is not None and tuple(stored) != tuple(expected):
             raise ConfigError(f"key 'data.shards': shards in '{cfg.data.shards}' hold latents {tuple(stored)}, "
