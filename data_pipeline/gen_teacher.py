@@ -282,6 +282,13 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
                 fail_attempt(task, attempt, describe_worker_error(exc))
                 idle.append(index)
                 continue
+            idle.append(index)
+            planned = keys_digest(p.key for p in task.prompts)
+            if result.record.keys_sha256 != planned or result.record.samples != len(task.prompts):
+                # Never expected; checked because the manifest is what "exactly once" rests on.
+                (output_dir / task.name).unlink(missing_ok=True)
+                fail_attempt(task, attempt, f"wrote {result.record.samples} samples / other keys than planned")
+                continue
             manifest.shards[result.name] = result.record
             manifest.save(output_dir)
             outcome.written.append(result)
@@ -289,7 +296,6 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
             progress.done_samples += result.record.samples
             progress.new_samples += result.record.samples
             progress.maybe_print(force=progress.done_shards == progress.total_shards)
-            idle.append(index)
         if not alive and not running:
             break
     for task in queue:  # no worker left to run them

@@ -281,7 +281,6 @@ class _EpochDataset(IterableDataset):
         window_size = self.window_batches * B
         first_window = assignment.first_batch // self.window_batches
         stream = _SampleStream(plan.pieces, first_window * window_size, self.expected_latent_shape)
-        previous_good: list[TeacherSample] = []
         for window in range(first_window, math.ceil(plan.num_batches / self.window_batches)):
             batches_here = min(self.window_batches, plan.num_batches - window * self.window_batches)
             report = _Report()
@@ -290,12 +289,13 @@ class _EpochDataset(IterableDataset):
                 random.Random(_derive_seed(plan.seed, window)).shuffle(good)
             slots = batches_here * B
             if len(good) < slots:
-                donors = good or previous_good or self._any_readable_sample(report)
+                # Donors come from this window only (or a fixed fallback), never from an earlier window:
+                # a resumed worker has not read those, and must fill the slots exactly as before.
+                donors = good or self._any_readable_sample()
                 report.repeated_samples = slots - len(good)
                 report.messages.append(f"worker {plan.worker} window {window}: {slots - len(good)} unreadable "
                                        f"sample(s) replaced by repeats of readable ones (keeps batches full)")
                 good = good + [donors[i % len(donors)] for i in range(slots - len(good))]
-            previous_good = good
             skip = assignment.first_batch - window * self.window_batches if window == first_window else 0
             if skip > 0:
                 report = _Report()  # the original run already counted this window's events
@@ -303,13 +303,15 @@ class _EpochDataset(IterableDataset):
                 yield self._collate(good[b * B:(b + 1) * B]), report
                 report = _Report()
 
-    def _any_readable_sample(self, report: _Report) -> list[TeacherSample]:
-        """Rare: a whole window unreadable with nothing read before it. Borrow the first readable
-        sample of the epoch's shards; with none at all the data set is gone and we say so."""
+    def _any_readable_sample(self) -> list[TeacherSample]:
+        """Rare: a whole window unreadable. Borrow the first readable sample of the data set (the
+        same one every time); with none at all the data set is gone and we say so."""
         for shard in self.fallback:
-            found = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self.expected_latent_shape).take(1, _Report())
-            if found:
-                return found
+            stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self.expected_latent_shape)
+            for _ in range(shard.samples):
+                found = stream.take(1, _Report())
+                if found:
+                    return found
         raise ShardFormatError(f"no readable sample in any of {len(self.fallback)} shard(s) "
                                f"(first: {self.fallback[0].path if self.fallback else '-'})")
 
