@@ -58,6 +58,16 @@ def describe(plan: NodePlan, worker_argv: Sequence[str], shutdown_timeout_s: int
             f"{env_text + ' ' if env_text else ''}{command}")
 
 
+def prebuild_cpu_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory communication op on first use (~50 s).
+    Build (or just load) it here, once per node, before any rank starts: ranks do not race to compile
+    it, and a signal sent to a starting rank's process group cannot kill the compiler halfway (that
+    fails the rank instead of letting it checkpoint)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def run_node(plan: NodePlan, worker_argv: Sequence[str], *, preempt_marker: Optional[Path] = None,
              shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -67,6 +77,8 @@ def run_node(plan: NodePlan, worker_argv: Sequence[str], *, preempt_marker: Opti
     for key, value in worker_environment(plan).items():
         os.environ.setdefault(key, value)
     TORCH_EXTENSIONS_CACHE.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        prebuild_cpu_comm_op()
     args = get_args_parser().parse_args(torchrun_argv(plan, worker_argv, shutdown_timeout_s)[1:])
     started = time.time()
     try:

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# local_cluster.sh - a real single-node SLURM cluster on this machine, so that tests can `sbatch` /
+# `srun` / `scontrol requeue` the project's real job scripts (tests/test_slurm_stage1.py).
+#
+# The project's copy of a recipe verified on Debian 12 (bookworm), slurm-wlm 22.05.8-4+deb12u3,
+# munge 0.5.15, as root on a 2-core VM whose PID 1 is not systemd (the package postinst cannot start
+# services, so this script starts the daemons itself). Default plugins need no cgroups:
+# proctrack/pgid + task/none, no accounting/jobcomp. Ports 6817 (slurmctld) and 6818 (slurmd) on
+# 127.0.0.1 must be free. Changed from the recipe: state lives under /tmp/gd-train-slurm.
+#
+# Usage:
+#   local_cluster.sh [start]  install packages if missing, start munged if no working munged, write
+#                             config, start slurmctld + slurmd, wait until the node is idle (idempotent)
+#   local_cluster.sh stop     cancel remaining jobs, stop slurmd/slurmctld (and munged if this script
+#                             started it), by PID
+#   local_cluster.sh status   show daemon PIDs and `sinfo`
+#
+# Knobs (environment variables):
+#   SLURM_LOCAL_BASE=/tmp/gd-train-slurm  config, state, spool, logs and pid files go here
+#   SLURM_LOCAL_CRED_EXPIRE=10        AuthInfo=cred_expire; a requeued job becomes
+#                                     eligible cred_expire+1 s after the requeue
+#                                     (Slurm default 120 -> ~2.5 min per requeue)
+#   SLURM_LOCAL_MIN_JOB_AGE=300       finished jobs stay visible to scontrol this long.
+#                                     <=4 makes `sbatch --wait` poll every 2 s (otherwise
+#                                     it polls after 2, 10, 42, ... s) but finished
+#                                     jobs then vanish from scontrol after ~10 s.
+#   SLURM_LOCAL_KILL_WAIT=5           seconds between SIGTERM and SIGKILL (default 30)
+#   SLURM_LOCAL_PROCTRACK=pgid        pgid (default): kills everything left in the job's process
+#                                     groups, no cgroups needed; setsid'ed processes escape.
+#                                     linuxproc: orphaned background processes (parent exited)
+#                                     escape and keep running after the job; an orphan inside an
+#                                     srun step keeps the job RUNNING/COMPLETING until it exits.
+#                                     cgroup: catches everything, needs a writable cgroup v1
+#                                     freezer (present on the probe VM); writes cgroup.conf.
+#   SLURM_LOCAL_CLEAN=1               wipe saved job/node state before starting
+#   SLURM_LOCAL_LINK_ETC=1            also symlink /etc/slurm/slurm.conf to the generated
+#                                     config so clients work without SLURM_CONF
+#
+# Clients need:  export SLURM_CONF=$SLURM_LOCAL_BASE/etc/slurm.conf
+# (inside jobs Slurm sets SLURM_CONF itself).
+set -euo pipefail
+
+BASE=${SLURM_LOCAL_BASE:-/tmp/gd-train-slurm}
+CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
+MIN_JOB_AGE=${SLURM_LOCAL_MIN_JOB_AGE:-300}
+KILL_WAIT=${SLURM_LOCAL_KILL_WAIT:-5}
+PROCTRACK=${SLURM_LOCAL_PROCTRACK:-pgid}
+CONF=$BASE/etc/slurm.conf
+RUN=$BASE/run
+MUNGE_PID_OURS=$RUN/munged.pid.ours
+SELF=$(readlink -f "$0")
+export SLURM_CONF=$CONF
+
+log() { echo "[local_cluster] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# pid_alive PIDFILE COMM -> prints pid and returns 0 if that pid runs COMM
+pid_alive() {
+  local f=$1 comm=$2 pid
+  [ -s "$f" ] || return 1
+  pid=$(tr -dc '0-9' < "$f")
+  [ -n "$pid" ] && running "$pid" "$comm" || return 1
+  echo "$pid"
+}
+
+# running PID COMM -> 0 if PID is alive (not a zombie) and runs COMM
+running() {
+  [ -r "/proc/$1/stat" ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] \
+    && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
+# stop_pid PIDFILE COMM : SIGTERM the pid in PIDFILE (if it runs COMM), wait for exit
+stop_pid() {
+  local f=$1 comm=$2 pid
+  if pid=$(pid_alive "$f" "$comm"); then
+    log "stopping $comm (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do running "$pid" "$comm" || break; sleep 0.25; done
+    if running "$pid" "$comm"; then
+      log "$comm (pid $pid) still alive after 15 s, sending SIGKILL"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$f"
+}
+
+# proctrack/cgroup leaves empty /sys/fs/cgroup/<ctrl>/slurm_<host> dirs behind;
+# remove them once slurmd is down (rmdir only succeeds on empty cgroups)
+cleanup_cgroup_dirs() {
+  local d
+  for d in /sys/fs/cgroup/*/slurm_"$(hostname -s)"; do
+    [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+}
+
+munge_works() { command -v munge >/dev/null && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+do_stop() {
+  if pid_alive "$RUN/slurmctld.pid" slurmctld >/dev/null; then
+    local jobs
+    jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ' || true)
+    if [ -n "${jobs// /}" ]; then
+      log "cancelling remaining jobs: $jobs"
+      # shellcheck disable=SC2086
+      scancel $jobs 2>/dev/null || true
+      for _ in $(seq 1 40); do
+        [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
+        sleep 0.5
+      done
+    fi
+  fi
+  stop_pid "$RUN/slurmd.pid" slurmd
+  stop_pid "$RUN/slurmctld.pid" slurmctld
+  cleanup_cgroup_dirs
+  if [ -f "$MUNGE_PID_OURS" ]; then
+    stop_pid "$MUNGE_PID_OURS" munged
+  else
+    log "munged was not started by this script; leaving it running"
+  fi
+  log "stopped"
+}
+
+do_status() {
+  local p
+  for d in slurmctld slurmd; do
+    if p=$(pid_alive "$RUN/$d.pid" "$d"); then echo "$d: running (pid $p)"; else echo "$d: not running"; fi
+  done
+  if munge_works; then echo "munged: working (pid $(cat /run/munge/munged.pid 2>/dev/null || echo '?'))"; else echo "munged: not working"; fi
+  if pid_alive "$RUN/slurmctld.pid" slurmctld >/dev/null; then sinfo; squeue; fi
+}
+
+install_if_missing() {
+  local missing=0 c
+  for c in slurmctld slurmd sbatch srun scontrol munged munge; do
+    command -v "$c" >/dev/null 2>&1 || missing=1
+  done
+  ls /usr/lib/*/slurm-wlm/proctrack_"${PROCTRACK}".so >/dev/null 2>&1 || missing=1
+  if [ $missing = 1 ]; then
+    log "installing slurm-wlm munge (apt-get)"
+    local t0=$SECONDS
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge; then
+      apt-get update
+      DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge
+    fi
+    log "apt-get install took $((SECONDS - t0)) s"
+  fi
+}
+
+start_munge() {
+  if munge_works; then
+    log "munged already working"
+    return
+  fi
+  local key=/etc/munge/munge.key
+  if [ ! -s "$key" ]; then
+    log "creating munge key $key"
+    mkdir -p /etc/munge
+    mungekey --create --keyfile="$key"
+  fi
+  # key/dir ownership and modes munged runs with (the Debian package creates
+  # the key as munge:munge 0600; 0400 also works)
+  chown munge:munge /etc/munge "$key"
+  chmod 0700 /etc/munge
+  chmod 0400 "$key"
+  mkdir -p /run/munge /var/lib/munge /var/log/munge
+  chown munge:munge /run/munge /var/lib/munge /var/log/munge
+  chmod 0755 /run/munge
+  # precaution: drop leftovers of a munged that died without cleaning up
+  if [ -e /run/munge/munged.pid ] && ! pid_alive /run/munge/munged.pid munged >/dev/null; then
+    rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
+  fi
+  log "starting munged as user munge"
+  runuser -u munge -- /usr/sbin/munged
+  for _ in $(seq 1 40); do munge_works && break; sleep 0.25; done
+  munge_works || die "munged did not come up; see /var/log/munge/munged.log"
+  cp /run/munge/munged.pid "$MUNGE_PID_OURS"
+}
+
+write_config() {
+  local host hw cpus boards spb cps tpc mem out
+  host=$(hostname -s)
+  # slurmd -C reports the hardware as slurmd sees it (works without a config)
+  hw=$(slurmd -C 2>/dev/null | head -1)
+  cpus=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$hw")
+  boards=$(sed -n 's/.* Boards=\([0-9]*\).*/\1/p' <<<"$hw")
+  spb=$(sed -n 's/.* SocketsPerBoard=\([0-9]*\).*/\1/p' <<<"$hw")
+  cps=$(sed -n 's/.* CoresPerSocket=\([0-9]*\).*/\1/p' <<<"$hw")
+  tpc=$(sed -n 's/.* ThreadsPerCore=\([0-9]*\).*/\1/p' <<<"$hw")
+  mem=$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
+  [ -n "$cpus" ] && [ -n "$mem" ] || die "could not parse 'slurmd -C' output: $hw"
+  mem=$(( mem * 85 / 100 ))   # 85% of what slurmd sees (24105 MB -> 20489 MB on the probe VM)
+  mkdir -p "$BASE/etc" "$BASE/state" "$BASE/spool/slurmd" "$BASE/log" "$RUN"
+  out=$(cat <<EOF
+# generated by tests/slurm/local_cluster.sh - single-node local cluster
+ClusterName=local
+SlurmctldHost=${host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=6817
+SlurmdPort=6818
+AuthType=auth/munge
+CryptoType=crypto/munge
+AuthInfo=cred_expire=${CRED_EXPIRE}
+MpiDefault=none
+SwitchType=switch/none
+MailProg=/bin/true
+StateSaveLocation=${BASE}/state
+SlurmdSpoolDir=${BASE}/spool/slurmd
+SlurmctldPidFile=${RUN}/slurmctld.pid
+SlurmdPidFile=${RUN}/slurmd.pid
+SlurmctldLogFile=${BASE}/log/slurmctld.log
+SlurmdLogFile=${BASE}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# task/none + no cgroup accounting: works without cgroups (see SLURM_LOCAL_PROCTRACK)
+ProctrackType=proctrack/${PROCTRACK}
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobRequeue=1
+ReturnToService=2
+InactiveLimit=0
+KillWait=${KILL_WAIT}
+MinJobAge=${MIN_JOB_AGE}
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} Boards=${boards:-1} SocketsPerBoard=${spb:-1} CoresPerSocket=${cps:-$cpus} ThreadsPerCore=${tpc:-1} RealMemory=${mem} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+)
+  if [ "$PROCTRACK" = cgroup ]; then
+    printf 'CgroupPlugin=autodetect\n' > "$BASE/etc/cgroup.conf"
+  else
+    rm -f "$BASE/etc/cgroup.conf"
+  fi
+  if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$out" ]; then
+    CONF_CHANGED=0
+  else
+    printf '%s\n' "$out" > "$CONF"
+    CONF_CHANGED=1
+    log "wrote $CONF"
+  fi
+  NODE=$host
+}
+
+start_daemons() {
+  local restart=0
+  if [ "${CONF_CHANGED}" = 1 ] || [ "${SLURM_LOCAL_CLEAN:-0}" = 1 ]; then restart=1; fi
+  if [ $restart = 1 ]; then
+    if pid_alive "$RUN/slurmctld.pid" slurmctld >/dev/null || pid_alive "$RUN/slurmd.pid" slurmd >/dev/null; then
+      log "config changed or clean start requested: restarting daemons"
+      stop_pid "$RUN/slurmd.pid" slurmd
+      stop_pid "$RUN/slurmctld.pid" slurmctld
+      cleanup_cgroup_dirs
+    fi
+  fi
+  if [ "${SLURM_LOCAL_CLEAN:-0}" = 1 ]; then
+    log "wiping $BASE/state and $BASE/spool/slurmd"
+    rm -rf "${BASE:?}/state/"* "${BASE:?}/spool/slurmd/"*
+  fi
+  if pid_alive "$RUN/slurmctld.pid" slurmctld >/dev/null; then
+    log "slurmctld already running"
+  else
+    log "starting slurmctld"
+    slurmctld -f "$CONF"
+  fi
+  if pid_alive "$RUN/slurmd.pid" slurmd >/dev/null; then
+    log "slurmd already running"
+  else
+    log "starting slurmd"
+    SLURMD_STARTED_AT=$(date +%s)
+    slurmd -f "$CONF"
+  fi
+}
+
+# 0 once the slurmd we just started has registered with slurmctld (a restarted
+# slurmctld reports the saved node state, e.g. idle, before slurmd registers)
+slurmd_registered() {
+  [ "${SLURMD_STARTED_AT:-0}" = 0 ] && return 0
+  local sst
+  sst=$(scontrol -o show node "$NODE" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)
+  [ -n "$sst" ] && [ "$(date -d "$sst" +%s 2>/dev/null || echo 0)" -ge $((SLURMD_STARTED_AT - 1)) ]
+}
+
+wait_idle() {
+  local st="" i resumed=0
+  for i in $(seq 1 120); do
+    st=$(sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1 || true)
+    slurmd_registered || st="unregistered($st)"
+    case "$st" in
+      idle) break ;;
+      mixed|allocated|completing) log "node is $st (jobs from saved state are running)"; break ;;
+      drained|draining|down|drained\*|down\*)
+        if [ $resumed = 0 ] && [ $i -gt 8 ]; then
+          log "node is $st ($(sinfo -h -R -o %E 2>/dev/null)); trying state=resume"
+          scontrol update nodename="$NODE" state=resume 2>/dev/null || true
+          resumed=1
+        fi ;;
+    esac
+    sleep 0.5
+  done
+  case "$st" in
+    idle|mixed|allocated|completing) ;;
+    *) die "node $NODE not usable (state '$st'); see $BASE/log/slurmctld.log and $BASE/log/slurmd.log" ;;
+  esac
+}
+
+do_start() {
+  [ "$(id -u)" = 0 ] || die "must run as root"
+  local t0=$SECONDS
+  mkdir -p "$RUN"  # start_munge records the munged it starts here (the recipe created it later)
+  install_if_missing
+  start_munge
+  CONF_CHANGED=0
+  SLURMD_STARTED_AT=0
+  write_config
+  if [ "${SLURM_LOCAL_LINK_ETC:-0}" = 1 ]; then
+    mkdir -p /etc/slurm
+    ln -sfn "$CONF" /etc/slurm/slurm.conf
+    log "linked /etc/slurm/slurm.conf -> $CONF"
+  fi
+  start_daemons
+  wait_idle
+  sinfo
+  cat <<EOF
+
+Local SLURM is up ($((SECONDS - t0)) s). Node: $NODE
+  export SLURM_CONF=$CONF
+  sbatch --wait job.sh ; squeue ; scontrol show job <id>
+Logs:  $BASE/log/slurmctld.log  $BASE/log/slurmd.log
+Stop:  $SELF stop
+   (= kill \$(cat $RUN/slurmd.pid) \$(cat $RUN/slurmctld.pid)$( [ -f "$MUNGE_PID_OURS" ] && echo " \$(cat $MUNGE_PID_OURS)"))
+EOF
+}
+
+case "${1:-start}" in
+  start) do_start ;;
+  stop) do_stop ;;
+  status) do_status ;;
+  *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
+esac
