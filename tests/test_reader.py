@@ -151,6 +151,7 @@ def test_shard_cut_at_a_member_boundary_is_caught_without_a_manifest(tmp_path, c
     assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
     assert reader.stats["corrupt_shards"] == 1 and reader.samples_per_epoch == 28
     assert sum(len(b) for b in epoch_keys(reader, 0)) == 28
+    assert make_reader(f"{folder}/shard-*.tar", world_size=1).samples_per_epoch == 28  # a glob works alike
 
 
 def garble(folder: Path, shard: int, samples: list[int]) -> None:
