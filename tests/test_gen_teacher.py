@@ -16,7 +16,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from datagen_utils import REPO_ROOT, LocalRayHead, ray_env, session_members, write_prompts_csv
+from datagen_utils import REPO_ROOT, write_prompts_csv
+from launch.ray_head import LocalRayHead, ray_env, session_members
 from gd_train.config import load_config
 from gd_train.data.reader import ShardReader
 from gd_train.data.shards import Manifest, decode_sample, file_sha256
