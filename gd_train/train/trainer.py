@@ -5,10 +5,11 @@ Each rank is started by torchrun (through `launch/`, as `gd-train` and the SLURM
     python -m gd_train.train.trainer --run-dir RUN --stage stage1 --config FILE [KEY=VALUE ...]
     python -m gd_train.train.trainer --run-dir RUN --resume [KEY=VALUE ...]
 
-`train()` reads top to bottom: set-up (config, process group, data, student, objective, engine,
-optional resume), then the loop — per optimizer step: the minibatch's shared draw, `accumulation`
-micro-steps (forward, a collective finiteness check, backward), the step, logs, sample videos,
-checkpoint and the pre-emption check. See docs/training.md for the objectives and the run folder.
+`Trainer` reads top to bottom: `__init__` sets up (config checks, process group, data, student,
+objective, DeepSpeed engine, optional resume); `run()` is the loop — per optimizer step: the
+minibatch's shared draw, `accumulation` micro-steps (forward, one all-reduce for the global loss and
+the finiteness check, backward), logs, sample videos, the pre-emption agreement and the checkpoint.
+See docs/training.md for the objectives, the run folder and the pre-emption protocol.
 """
 
 from __future__ import annotations
@@ -92,109 +93,135 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
-    stop = StopRequest()
-    dist = distributed.init()
-    validate_train_config(cfg)
-    plan = BatchPlan.from_config(cfg.train, dist.world_size)
-    _seed_everything(cfg.seed)  # identical LoRA initialisation on every rank
-    if dist.is_main:
-        _prepare_run_dir(cfg, run_dir, resume)
-    distributed.barrier()
+class Trainer:
+    """One rank of a run: everything is set up in `__init__`, `run()` is the loop."""
 
-    reader = ShardReader.from_config(cfg, rank=dist.rank, world_size=dist.world_size)
-    total_steps = plan.total_steps(reader.steps_per_epoch(), cfg.train.epochs, cfg.train.max_steps)
-    if total_steps < 1:
-        raise ConfigError(f"key 'data.shards': {reader.steps_per_epoch()} micro-batches per epoch x "
-                          f"{cfg.train.epochs} epochs is less than one optimizer step of {plan.accumulation_steps} "
-                          f"accumulation steps")
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.stop = StopRequest()
+        self.dist = dist = distributed.init()
+        validate_train_config(cfg)
+        self.plan = BatchPlan.from_config(cfg.train, dist.world_size)
+        _seed_everything(cfg.seed)  # identical LoRA initialisation on every rank
+        _prepare_run_dir(cfg, run_dir, resume, write=dist.is_main)
+        distributed.barrier()
 
-    student = GreedyDistillStudent.from_config(cfg, device=dist.device)
-    student.set_gradient_checkpointing(bool(cfg.student.gradient_checkpointing))
-    if cfg.train.init_from is not None:
-        student.load_adapters(checkpoint.adapters_folder(cfg.train.init_from))
-    fingerprint = checkpoint.base_fingerprint(student)
-    objective = build_objective(cfg, student, _negative_embeds(cfg, run_dir, dist))
-    optimizer = build_optimizer(student, cfg.train)
-    engine = _deepspeed_engine(cfg, plan, objective, optimizer, build_scheduler(optimizer, cfg.train, total_steps))
+        self.reader = ShardReader.from_config(cfg, rank=dist.rank, world_size=dist.world_size)
+        self.total_steps = self.plan.total_steps(self.reader.steps_per_epoch(), cfg.train.epochs, cfg.train.max_steps)
+        if self.total_steps < 1:
+            raise ConfigError(f"key 'data.shards': {self.reader.steps_per_epoch()} micro-batches per epoch x "
+                              f"{cfg.train.epochs} epochs is less than one optimizer step of "
+                              f"{self.plan.accumulation_steps} accumulation steps")
 
-    state = RunState()
-    if resume:
-        state = _restore(engine, reader, run_dir, fingerprint, dist.world_size)
-    metrics = Metrics(run_dir, enabled=dist.is_main, resumed_step=state.step)
-    trace = _Trace(run_dir, dist.rank, enabled=bool(cfg.train.trace), resumed_step=state.step)
-    if dist.is_main:
-        print(f"gd-train: {cfg.train.stage} on {dist.world_size} rank(s), {total_steps} steps of "
-              f"{plan.global_batch_size} samples ({plan.micro_batch_size} x {plan.accumulation_steps} accumulation "
-              f"x {dist.world_size} ranks), {reader.steps_per_epoch()} micro-batches per epoch per rank; "
-              f"{'resuming after step ' + str(state.step) if resume else 'fresh start'}", flush=True)
+        self.student = GreedyDistillStudent.from_config(cfg, device=dist.device)
+        self.student.set_gradient_checkpointing(bool(cfg.student.gradient_checkpointing))
+        if cfg.train.init_from is not None:
+            self.student.load_adapters(checkpoint.adapters_folder(cfg.train.init_from))
+        self.fingerprint = checkpoint.base_fingerprint(self.student)
+        self.objective = build_objective(cfg, self.student, _negative_embeds(cfg, run_dir, dist))
+        optimizer = build_optimizer(self.student, cfg.train)
+        self.engine = _deepspeed_engine(cfg, self.plan, self.objective, optimizer,
+                                        build_scheduler(optimizer, cfg.train, self.total_steps))
 
-    batches = _micro_batches(reader, cfg.train.epochs)
-    interval = _Interval()
-    last_batch: Optional[Batch] = None
-    saved_step = state.step
-    while state.step < total_steps:
-        step = state.step + 1
-        draw = objective.draw(step)  # stage 2: (f, t) from rank 0, the same for the whole minibatch
-        step_start = time.perf_counter()
+        self.state = _restore(self.engine, self.reader, run_dir, self.fingerprint, dist.world_size) if resume else RunState()
+        self.metrics = Metrics(run_dir, enabled=dist.is_main, resumed_step=self.state.step)
+        self.trace = _Trace(run_dir, dist.rank, enabled=bool(cfg.train.trace), resumed_step=self.state.step)
+        self.interval = _Interval()
+        self.last_batch: Optional[Batch] = None
+        self.saved_step = self.state.step
+        self._say(f"{cfg.train.stage} on {dist.world_size} rank(s), {self.total_steps} steps of "
+                  f"{self.plan.global_batch_size} samples ({self.plan.micro_batch_size} x "
+                  f"{self.plan.accumulation_steps} accumulation x {dist.world_size} ranks), "
+                  f"{self.reader.steps_per_epoch()} micro-batches per epoch per rank; "
+                  f"{'resuming after step ' + str(self.state.step) if resume else 'fresh start'}")
+
+    # ----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        state, plan = self.state, self.plan
+        batches = _micro_batches(self.reader, self.cfg.train.epochs)
+        while state.step < self.total_steps:
+            step = state.step + 1
+            draw = self.objective.draw(step)  # stage 2: (f, t) from rank 0, the same for the whole minibatch
+            step_start = time.perf_counter()
+            losses = self._accumulate(batches, step, draw)  # `accumulation` forward/backward micro-steps
+            if losses is None:  # the data ran out (skipped non-finite micro-batches used some of it)
+                self._say(f"data of {self.cfg.train.epochs} epoch(s) exhausted after step {state.step}")
+                if state.step > self.saved_step:
+                    self._checkpoint("final")
+                break
+            state.step, state.samples_seen = step, state.samples_seen + plan.global_batch_size
+            self.interval.add_step(sum(losses) / len(losses), time.perf_counter() - step_start, plan.global_batch_size)
+
+            if step % self.cfg.train.log_every == 0 or step == self.total_steps:
+                self._log(draw)
+            if self.cfg.train.video_every and step % self.cfg.train.video_every == 0:
+                _log_sample_video(self.metrics, self.cfg, self.student, self.last_batch, step)
+            stop_now = self.stop.agreed()  # SIGUSR1/SIGTERM on any rank: checkpoint this step, exit
+            if step % self.cfg.train.checkpoint_every == 0 or stop_now or step == self.total_steps:
+                self._checkpoint("preempted" if stop_now else "final" if step == self.total_steps else "periodic")
+            if stop_now and step < self.total_steps:
+                self._record_preemption(step)
+                break
+        else:
+            self._say(f"finished {state.step} steps; latest checkpoint {checkpoint.latest_tag(self.run_dir)}")
+        self.metrics.close()
+        self.trace.close()
+        distributed.barrier()
+
+    def _accumulate(self, batches: Iterator[tuple[int, Batch]], step: int, draw) -> Optional[list[float]]:
+        """Forward and backward over the micro-batches of one optimizer step (DeepSpeed steps the optimizer
+        at the last one). Returns their global mean losses, or None when the data runs out."""
         losses, attempt = [], 0
-        while len(losses) < plan.accumulation_steps:
+        while len(losses) < self.plan.accumulation_steps:
             wait_start = time.perf_counter()
             item = next(batches, None)
-            interval.data_wait_s += time.perf_counter() - wait_start
+            self.interval.data_wait_s += time.perf_counter() - wait_start
             if item is None:
-                break
-            state.epoch, last_batch = item
-            seed = derive_seed("micro-step", cfg.seed, dist.rank, step, attempt)
-            loss = engine(**objective.inputs(last_batch, draw, seed))
+                return None
+            self.state.epoch, batch = item
+            self.last_batch = batch
+            seed = derive_seed("micro-step", self.cfg.seed, self.dist.rank, step, attempt)
+            loss = self.engine(**self.objective.inputs(batch, draw, seed))
+            # One all-reduce gives the global loss and whether any rank's is NaN/inf: the ranks skip together.
             finite = bool(torch.isfinite(loss.detach()).item())
-            loss_sum, bad_ranks = distributed.all_reduce([float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0])
-            trace.write(step=step, micro=attempt, epoch=state.epoch, keys=last_batch.keys,
-                        loss=float(loss.detach()), skipped=bad_ranks > 0, draw=draw)
+            loss_sum, bad_ranks = distributed.all_reduce([float(loss.detach()) if finite else 0.0, float(not finite)])
+            self.trace.write(step=step, micro=attempt, epoch=self.state.epoch, keys=batch.keys,
+                             loss=float(loss.detach()), skipped=bad_ranks > 0, draw=draw)
             attempt += 1
             if bad_ranks > 0:
-                _skip_non_finite(state, cfg, step, bad_ranks)
+                _skip_non_finite(self.state, self.cfg, step, bad_ranks)
                 continue
-            state.consecutive_bad = 0
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss_sum / dist.world_size)
-            interval.tokens += objective.tokens_per_sample(last_batch, draw) * plan.micro_batch_size * dist.world_size
-        if len(losses) < plan.accumulation_steps:  # the data ran out (non-finite losses used some up)
-            if dist.is_main:
-                print(f"gd-train: data of {cfg.train.epochs} epoch(s) exhausted after step {state.step}", flush=True)
-            if state.step > saved_step:
-                _save(engine, student, run_dir, cfg, state, reader, fingerprint, dist.world_size, "final")
-            break
+            self.state.consecutive_bad = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss_sum / self.dist.world_size)
+            self.interval.tokens += (self.objective.tokens_per_sample(batch, draw) * self.plan.micro_batch_size
+                                     * self.dist.world_size)
+        return losses
 
-        state.step = step
-        state.samples_seen += plan.global_batch_size
-        interval.add_step(sum(losses) / len(losses), time.perf_counter() - step_start, plan.global_batch_size)
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            _log_step(metrics, engine, objective, interval, state, draw, total_steps)
-            interval = _Interval()
-        if cfg.train.video_every and step % cfg.train.video_every == 0:
-            _log_sample_video(metrics, cfg, student, last_batch, step)
+    def _log(self, draw) -> None:
+        _log_step(self.metrics, self.engine, self.objective, self.interval, self.state, draw, self.total_steps)
+        self.interval = _Interval()
 
-        stop_now = stop.agreed()
-        if step % cfg.train.checkpoint_every == 0 or stop_now or step == total_steps:
-            reason = "preempted" if stop_now else ("final" if step == total_steps else "periodic")
-            _save(engine, student, run_dir, cfg, state, reader, fingerprint, dist.world_size, reason)
-            saved_step = step
-        if stop_now and step < total_steps:
-            if dist.is_main:
-                _write_json(run_dir / PREEMPTED_FILE, {"step": step, "signal": stop.signal_name,
-                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-                print(f"gd-train: {stop.signal_name} received; checkpoint {checkpoint.tag_for(step)} saved, exiting "
-                      f"(continue with `gd-train resume {run_dir}`)", flush=True)
-            break
-    else:
-        if dist.is_main:
-            print(f"gd-train: finished {state.step} steps; latest checkpoint {checkpoint.latest_tag(run_dir)}", flush=True)
+    def _checkpoint(self, reason: str) -> None:
+        _save(self.engine, self.student, self.run_dir, self.cfg, self.state, self.reader, self.fingerprint,
+              self.dist.world_size, reason)
+        self.saved_step = self.state.step
 
-    metrics.close()
-    trace.close()
-    distributed.barrier()
+    def _record_preemption(self, step: int) -> None:
+        if self.dist.is_main:
+            _write_json(self.run_dir / PREEMPTED_FILE, {"step": step, "signal": self.stop.signal_name,
+                                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self._say(f"{self.stop.signal_name} received; checkpoint {checkpoint.tag_for(step)} saved, exiting "
+                  f"(continue with `gd-train resume {self.run_dir}`)")
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(f"gd-train: {text}", flush=True)
+
+
+def train(cfg: DictConfig, run_dir: Path, resume: bool) -> int:
+    Trainer(cfg, run_dir, resume).run()
     return 0
 
 
@@ -207,14 +234,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, resume: bool, write: bool) -> None:
+    """Checked on every rank (a refusal on rank 0 alone would leave the others waiting); written by one."""
     if not resume and checkpoint.latest_tag(run_dir) is not None:
         raise ConfigError(f"key 'output_dir': {run_dir} already holds a run (checkpoint "
                           f"{checkpoint.latest_tag(run_dir)}); continue it with `gd-train resume {run_dir}` or "
                           f"choose another output_dir")
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-    (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
 
 
 def _negative_embeds(cfg: DictConfig, run_dir: Path, dist) -> Optional[torch.Tensor]:
