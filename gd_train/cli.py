@@ -109,7 +109,7 @@ def _node_plans(args: argparse.Namespace):
 
 
 def _launch(args: argparse.Namespace, worker_argv: list[str], run_dir: Path) -> int:
-    from gd_train.train.trainer import PREEMPTED_FILE
+    from gd_train.train.plan import PREEMPTED_FILE
     from launch.local import DEFAULT_SHUTDOWN_TIMEOUT_S, describe, run_node
 
     mine, nodes = args.plans
@@ -146,8 +146,7 @@ def start(args: argparse.Namespace) -> int:
 
 def resume(args: argparse.Namespace) -> int:
     from gd_train import checkpoint
-    from gd_train.train.plan import BatchPlan
-    from gd_train.train.trainer import load_run_config
+    from gd_train.train.plan import BatchPlan, load_run_config
 
     run_dir = Path(args.run_dir)
     folder = checkpoint.resolve(run_dir)

@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from gd_train.config import ConfigError
+from gd_train.config import ConfigError, load_config
 
 STAGES = ("stage1", "stage2")
 SCHEDULES = ("constant", "cosine")
 ADAPTERS = ("etm", "sdd")
 SCORE_LEVELS = ("next", "uniform")
+
+CONFIG_FILE = "config.yaml"  # the run folder's resolved config; `resume` reads it
+PREEMPTED_FILE = "preempted.json"  # written after a pre-emption checkpoint; the SLURM scripts requeue on it
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,17 @@ def validate_train_config(cfg: DictConfig, command: Optional[str] = None) -> Non
         if len(cfg.student.denoising_steps) < 2 and t.rl_score_level == "next":
             raise ConfigError("key 'train.rl_score_level': 'next' needs at least two student.denoising_steps "
                               "(the last step's next level is clean data); use rl_score_level=uniform")
+
+
+def load_run_config(run_dir: Path, stage: Optional[str], config: Optional[str], resume: bool,
+                    overrides: Sequence[str]) -> DictConfig:
+    """Fresh start: the config file + the command's stage + overrides, with output_dir = run_dir.
+    Resume: the run's saved config.yaml + overrides."""
+    if resume:
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"run folder {run_dir}: no {CONFIG_FILE} (not a gd-train run folder)")
+        return load_config(saved, list(overrides))
+    cfg = load_config(config, [f"train.stage={stage}", *overrides, f"output_dir={run_dir}"])
+    validate_train_config(cfg, command=stage)
+    return cfg

@@ -33,16 +33,14 @@ import torch
 from omegaconf import DictConfig
 
 from gd_train import checkpoint, distributed
-from gd_train.config import ConfigError, load_config, to_yaml
+from gd_train.config import ConfigError, to_yaml
 from gd_train.data.reader import Batch, ShardReader
 from gd_train.metrics import Metrics, memory_gib, truncate_jsonl
 from gd_train.model.student import GreedyDistillStudent
 from gd_train.train.objectives import build_objective, derive_seed
 from gd_train.train.optim import build_optimizer, build_scheduler
-from gd_train.train.plan import BatchPlan, validate_train_config
+from gd_train.train.plan import CONFIG_FILE, PREEMPTED_FILE, BatchPlan, load_run_config, validate_train_config
 
-CONFIG_FILE = "config.yaml"
-PREEMPTED_FILE = "preempted.json"  # written after a pre-emption checkpoint; the SLURM scripts requeue on it
 NEGATIVE_EMBEDS_FILE = "negative_prompt_embeds.safetensors"
 TRACE_DIR = "trace"
 
@@ -477,20 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("overrides", nargs="*")
     return p
-
-
-def load_run_config(run_dir: Path, stage: Optional[str], config: Optional[str], resume: bool,
-                    overrides: Sequence[str]) -> DictConfig:
-    """Fresh start: the config file + the command's stage + overrides, with output_dir = run_dir.
-    Resume: the run's saved config.yaml + overrides."""
-    if resume:
-        saved = run_dir / CONFIG_FILE
-        if not saved.is_file():
-            raise ConfigError(f"run folder {run_dir}: no {CONFIG_FILE} (not a gd-train run folder)")
-        return load_config(saved, list(overrides))
-    cfg = load_config(config, [f"train.stage={stage}", *overrides, f"output_dir={run_dir}"])
-    validate_train_config(cfg, command=stage)
-    return cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
