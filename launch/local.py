@@ -85,7 +85,9 @@ def run_node(plan: NodePlan, worker_argv: Sequence[str], *, preempt_marker: Opti
         run(args)
         return 0
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
+        # The root cause: a worker that exited on its own (code > 0) before one torchrun then signalled.
+        deliberate = {r: f for r, f in exc.failures.items() if f.exitcode > 0} or exc.failures
+        rank, failure = min(deliberate.items(), key=lambda item: (item[1].timestamp, item[0]))
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
         print(f"launch: worker rank {rank} exited with {failure.exitcode} ({len(exc.failures)} failed on this node)",
               file=sys.stderr, flush=True)
