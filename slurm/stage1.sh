@@ -14,6 +14,8 @@
 # then requeues the job. Whenever the job starts and $RUN_DIR has a checkpoint (a requeue, by us or
 # by the scheduler, or a resubmission with the same RUN_DIR) it resumes from checkpoints/latest.
 #
+# Set the time limit your cluster needs (sbatch --time=...): the USR1 warning comes 120 s before it.
+#
 # Environment: RUN_DIR (default runs/stage1-<job id>), CONFIG (configs/stage1.yaml), PYTHON (.venv's),
 # NPROC_PER_NODE (default: the node's GPUs).
 #
@@ -21,6 +23,7 @@
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+#SBATCH --exclusive
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -44,7 +47,10 @@ fi
 
 echo "[$(date -Is)] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: gd-train ${args[*]}"
 rm -f "$RUN_DIR/preempted.json"
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m gd_train.cli "${args[@]}"
+# All of the node's CPUs to its one launcher task (srun does not inherit --cpus-per-task since SLURM
+# 22.05, and one CPU would be shared by 8 ranks and their data loaders).
+srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
+  "$PYTHON" -m gd_train.cli "${args[@]}"
 rc=$?
 echo "[$(date -Is)] gd-train exited with $rc"
 
