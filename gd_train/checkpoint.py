@@ -207,12 +207,13 @@ def student_weights(student: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of every adapter weight and the c_f projection. All ranks must call it (under ZeRO-3
     the parameters are sharded, and gathering them is a collective); the result is valid everywhere."""
     named = [(n, p) for n, p in student.named_parameters() if _is_student_weight(n)]
-    with _gathered([p for _, p in named]):
+    with gathered([p for _, p in named]):
         return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
 
-class _gathered:
-    """`deepspeed.zero.GatheredParameters` for ZeRO-3 parameters, a no-op otherwise."""
+class gathered:
+    """`deepspeed.zero.GatheredParameters` (read-only, on every rank) for ZeRO-3 parameters, a no-op
+    otherwise. A collective: every rank enters it."""
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = [p for p in params if hasattr(p, "ds_id")]
@@ -239,7 +240,7 @@ def base_fingerprint(student: torch.nn.Module) -> str:
     for name, p in sorted(student.named_parameters(), key=lambda item: item[0]):
         if _is_student_weight(name):
             continue
-        with _gathered([p]):
+        with gathered([p]):
             digest.update(name.encode())
             digest.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -1,7 +1,8 @@
-"""Checkpoints of a ZeRO-3 run (parameters sharded over 2 ranks, activation checkpointing on): the
-exported adapters are the trained weights (not the empty shards ZeRO-3 holds), load with plain `peft`
-on a plain `diffusers.WanTransformer3DModel` and reproduce the student's full-mask outputs; the
-checkpoint CLI lists, shows and exports; a checkpoint folder is complete or ignored."""
+"""Checkpoints of a ZeRO-3 run (parameters sharded over 2 ranks, activation checkpointing on, a sample
+video at step 2): the exported adapters are the trained weights (not the empty shards ZeRO-3 holds),
+load with plain `peft` on a plain `diffusers.WanTransformer3DModel` and reproduce the student's
+full-mask outputs; the checkpoint CLI lists, shows and exports; a checkpoint folder is complete or
+ignored."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def zero3_run(tmp_path_factory) -> Path:
     run_dir = root / "run"
     run_cli("stage1", "--config", TINY_STAGE1, "--nproc", "2", f"output_dir={run_dir}", f"data.shards={root / 'shards'}",
             "train.zero_stage=3", "train.zero3_param_persistence_threshold=0", "student.gradient_checkpointing=true",
-            "train.max_steps=3", "train.checkpoint_every=2", "train.keep_last=1")
+            "train.max_steps=3", "train.checkpoint_every=2", "train.keep_last=1", "train.video_every=2")
     return run_dir
 
 
@@ -32,6 +33,12 @@ def test_zero3_run_keeps_only_the_last_complete_checkpoint(zero3_run):
     manifest = json.loads((zero3_run / "checkpoints" / "step-00000003" / "checkpoint.json").read_text())
     assert (manifest["zero_stage"], manifest["world_size"], manifest["reason"]) == (3, 2, "final")
     assert manifest["samples_seen"] == 12
+    # A sample video streamed with the parameters sharded (gathered for it) reached TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(zero3_run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("samples/stream")] == [2]
     # The frozen base is not in the checkpoint: a few hundred kB of LoRA + optimizer state.
     assert sum(f.stat().st_size for f in (zero3_run / "checkpoints").rglob("*.pt")) < 5 * 2**20
 

@@ -382,7 +382,8 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
 
 def _log_sample_video(metrics: Metrics, cfg: DictConfig, student: GreedyDistillStudent, batch: Batch, step: int) -> None:
     """Stream a clip for the last batch's first prompt (Algorithm 1) and log it decoded by the VAE. Every
-    rank generates (under ZeRO-3 the weights are sharded and every rank must take part); rank 0 logs."""
+    rank generates; rank 0 logs. Outside the engine's forward ZeRO-3 does not gather parameters on
+    access, so the whole student is gathered for it (the full weights: what ZeRO-2 holds all the time)."""
     from gd_train.infer.stream import StreamingGenerator, StreamSettings
 
     negative = None
@@ -391,8 +392,9 @@ def _log_sample_video(metrics: Metrics, cfg: DictConfig, student: GreedyDistillS
 
         negative = load_file(str(Path(cfg.output_dir) / NEGATIVE_EMBEDS_FILE))["negative_prompt_embeds"].to(student.device_)
     generator = StreamingGenerator(student, StreamSettings.from_config(cfg))
-    latents = generator.generate(batch.prompt_embeds[:1].to(student.device_), int(cfg.generate.latent_frames),
-                                 seed=int(cfg.generate.seed), negative_embeds=negative)
+    with checkpoint.gathered(list(student.parameters())):
+        latents = generator.generate(batch.prompt_embeds[:1].to(student.device_), int(cfg.generate.latent_frames),
+                                     seed=int(cfg.generate.seed), negative_embeds=negative)
     if metrics.enabled:
         from gd_train.media import decode_latents
         from gd_train.model.backbone import load_vae
