@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -107,6 +108,30 @@ def open_output(output_dir: Path, cfg, tasks: Sequence[ShardTask]) -> tuple[Mani
     manifest.total_shards = len(tasks)
     manifest.save(output_dir)
     return manifest, todo
+
+
+def estimated_sample_bytes(cfg) -> int:
+    """Upper bound of one sample's size in a shard: latents + prompt embeddings padded to the full text
+    length (stored unpadded, so usually less) + tar headers and JSON."""
+    from gd_train.config import latent_shape, transformer_arch
+
+    itemsize = STORAGE_DTYPES[cfg.datagen.storage_dtype].itemsize
+    latents = math.prod(latent_shape(cfg)) * itemsize
+    embeds = cfg.model.max_text_tokens * transformer_arch(cfg)["text_dim"] * itemsize
+    return latents + embeds + 8192
+
+
+def check_free_disk(cfg, output_dir: Path, samples_to_write: int) -> None:
+    """Refuse at start, not days later: the shards still to write plus the configured headroom must fit."""
+    needed = samples_to_write * estimated_sample_bytes(cfg) + int(cfg.datagen.min_free_disk_gb * 2**30)
+    probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise ConfigError(
+            f"output_dir '{output_dir}': {free / 2**30:.1f} GiB free, but {samples_to_write} samples need up to "
+            f"{samples_to_write * estimated_sample_bytes(cfg) / 2**30:.1f} GiB plus datagen.min_free_disk_gb="
+            f"{cfg.datagen.min_free_disk_gb:g} GiB headroom; free space, use another output_dir, or store "
+            f"datagen.storage_dtype=bfloat16")
 
 
 def check_datagen(cfg) -> None:
@@ -336,6 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"{len(prompt_report.bad_rows)} bad, {sum(prompt_report.filtered.values())} filtered)")
         tasks = plan_shards(prompts, cfg.datagen.samples_per_shard)
         manifest, todo = open_output(output_dir.resolve(), cfg, tasks)
+        check_free_disk(cfg, output_dir.resolve(), sum(len(t.prompts) for t in todo))
     except (ConfigError, ShardFormatError) as exc:
         print(f"gen_teacher: error: {exc}", file=sys.stderr)
         return 2

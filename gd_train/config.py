@@ -171,6 +171,7 @@ class DatagenConfig:
     storage_dtype: str = "float32"  # float32 | bfloat16: how latents and prompt embeddings are stored
     preview_fraction: float = 0.0  # fraction of samples that also get a preview mp4 (chosen by key)
     progress_every_s: float = 30.0  # at most this long between progress lines
+    min_free_disk_gb: float = 1.0  # headroom left free after the planned shards (checked at start)
     # Testing: the worker process exits abruptly after writing the first sample of this shard, on the
     # shard's first attempt only (a worker death mid-shard, for the retry path).
     fault_kill_shard: Optional[int] = None
