@@ -70,6 +70,21 @@ def test_loss_goes_down_and_tensorboard_holds_the_scalars(run_a):
     assert [c.title for c in layout.category] == ["loss", "optimisation", "throughput", "system", "RL"]
 
 
+def test_checkpoints_hold_what_trains_and_nothing_of_the_frozen_base(run_a):
+    import torch
+
+    from gd_train.config import load_config
+    from gd_train.model.student import GreedyDistillStudent
+
+    folder = run_a / "checkpoints" / "step-00000024"
+    # DeepSpeed's own file (pickled by DeepSpeed; read here only to inspect what it holds).
+    module = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+    student = GreedyDistillStudent.from_config(load_config(TINY_STAGE1))
+    trained = {f"student.{n}" for n, p in student.named_parameters() if p.requires_grad}
+    assert set(module) == trained  # both adapters and c_f, each once, under one name
+    assert all(".lora_" in k or k.startswith("student.cf_proj.") for k in module)
+
+
 def _epoch_keys(per_rank: dict[int, list[dict]], epoch: int) -> Counter:
     return Counter(k for records in per_rank.values() for r in records if r["epoch"] == epoch for k in r["keys"])
 

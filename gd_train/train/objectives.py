@@ -45,10 +45,33 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+class _Objective(nn.Module):
+    """What the DeepSpeed engine holds: the student plus a loss. Its checkpointed state is only what
+    trains — adapter weights and c_f."""
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The frozen base is rebuilt from the pretrained weights on load, and `student.transformer`
+        aliases the PEFT-wrapped model, so every weight would otherwise be saved a second time under that
+        name — base included, as DeepSpeed's `exclude_frozen_parameters` only knows each parameter's
+        first name (`student.peft...`)."""
+        full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
+        kept = type(full)((k, v) for k, v in full.items() if _is_trained_weight(k[len(prefix):]))
+        if destination is not None:
+            destination.update(kept)
+            return destination
+        return kept
+
+
+def _is_trained_weight(name: str) -> bool:
+    if name.startswith("student.transformer."):
+        return False
+    return ".lora_" in name or name.startswith("student.cf_proj.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage 1
 # --------------------------------------------------------------------------------------------------
-class NextChunkLoss(nn.Module):
+class NextChunkLoss(_Objective):
     """Eq. (6). Flow times are drawn per chunk (each chunk's SDD pass is independent under the block
     mask, so per-chunk times estimate the same expectation with less variance), uniformly and then
     warped by the student's flow shift so that training covers the levels few-step sampling visits."""
@@ -132,7 +155,7 @@ class _Guidance:
         return uncond + self.scale * (cond - uncond)
 
 
-class RLFineTuneLoss(nn.Module):
+class RLFineTuneLoss(_Objective):
     """Eq. (10), DMD-style deterministic policy gradient with the SDD as its own critic."""
 
     stage = "stage2"
