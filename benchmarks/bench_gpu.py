@@ -170,7 +170,7 @@ def main() -> None:
     from gd_train.model.student import GreedyDistillStudent
 
     device = torch.device(args.device)
-    cfg = load_config(args.config, [f"model.dtype={args.dtype}", *args.overrides])
+    cfg = load_config(args.config, ["pretrained_path=null", f"model.dtype={args.dtype}", *args.overrides])
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     torch.manual_seed(0)
     student = GreedyDistillStudent.from_config(cfg, device=device)

@@ -50,7 +50,7 @@ def meta_student(config: str, overrides=()):
     from gd_train.model.backbone import load_transformer
     from gd_train.model.student import GreedyDistillStudent
 
-    cfg = load_config(config, ["model.dtype=float32", *overrides])
+    cfg = load_config(config, ["pretrained_path=null", "model.dtype=float32", *overrides])
     with torch.device("meta"):
         student = GreedyDistillStudent(cfg, load_transformer(cfg), device="meta")
     return cfg, student

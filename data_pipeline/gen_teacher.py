@@ -51,7 +51,7 @@ from data_pipeline.teacher import (  # noqa: E402
     describe_worker_error,
     sampling_settings,
 )
-from gd_train.config import ConfigError, as_container, load_config  # noqa: E402
+from gd_train.config import ConfigError, as_container, check_pretrained_folder, load_config  # noqa: E402
 from gd_train.data.shards import PARTIAL_SUFFIX, Manifest, ShardFormatError, keys_digest  # noqa: E402
 
 REPORT_NAME = "gen_teacher_report.json"
@@ -339,6 +339,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/datagen.yaml")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, the weights folder, the CSV and the free disk; start nothing")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (prompts_csv=..., output_dir=...)")
     return parser.parse_args(argv)
 
@@ -360,6 +362,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"prompts_csv '{cfg.prompts_csv}': no usable prompt ({prompt_report.rows} rows, "
                               f"{len(prompt_report.bad_rows)} bad, {sum(prompt_report.filtered.values())} filtered)")
         tasks = plan_shards(prompts, cfg.datagen.samples_per_shard)
+        if args.check:  # what a cluster script runs before it starts any node: no side effects
+            if cfg.pretrained_path is not None:
+                check_pretrained_folder(cfg.pretrained_path, parts=("transformer", "vae", "text_encoder", "tokenizer"))
+            check_free_disk(cfg, output_dir.resolve(), len(prompts))
+            log(f"check: {len(prompts)} prompts in {len(tasks)} shard(s) for {output_dir.resolve()}: ok")
+            return 0
         manifest, todo = open_output(output_dir.resolve(), cfg, tasks)
         check_free_disk(cfg, output_dir.resolve(), sum(len(t.prompts) for t in todo))
     except (ConfigError, ShardFormatError) as exc:

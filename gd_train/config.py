@@ -248,6 +248,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if path is not None:
         for source, data in _yaml_chain(Path(path)):
             cfg = _merge(cfg, data, source)
+            # A merge skips `???` values; re-mark them so that the key must be set later (validate()).
+            for key in _missing_paths(data):
+                OmegaConf.update(cfg, key, "???", merge=False)
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -294,6 +297,17 @@ def _merge(cfg: DictConfig, data: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {_first_line(exc)}") from None
 
 
+def _missing_paths(node: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in node.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            out.append(full)
+        elif isinstance(node._get_node(key), DictConfig):
+            out += _missing_paths(node[key], full)
+    return out
+
+
 def _full_key(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     return str(key)
@@ -331,7 +345,21 @@ EXPECTED_LAYOUT = ("a Wan2.1-T2V-1.3B-Diffusers folder holding transformer/ (con
                    "*.safetensors), vae/, text_encoder/ and tokenizer/")
 
 
+# What to say when a config leaves a key mandatory (`???`) and the command line does not set it.
+MISSING_HINTS = {
+    "pretrained_path": "pretrained_path=/path/to/Wan2.1-T2V-1.3B-Diffusers (the local diffusers folder; "
+                       "pretrained_path=null builds random weights, for speed tests only)",
+    "prompts_csv": "prompts_csv=/path/to/OpenVidHD.csv",
+    "output_dir": "output_dir=/shared/path (absolute, on a filesystem every node sees)",
+}
+
+
 def validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        names = ", ".join(f"'{k}'" for k in missing)
+        hints = "; ".join(MISSING_HINTS.get(k, k + "=VALUE") for k in missing)
+        raise ConfigError(f"key{'s' if len(missing) > 1 else ''} {names}: must be set for this config; add {hints}")
     v = cfg.video
     if v.num_frames < 1 or (v.num_frames - 1) % VAE_TEMPORAL:
         raise ConfigError(f"key 'video.num_frames': {v.num_frames} is not 1 + 4k (the Wan VAE compresses time by 4)")

@@ -3,12 +3,10 @@
 # other node, `ray job submit` of data_pipeline/gen_teacher.py, then the cluster is torn down.
 #
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/gen_teacher.sh \
-#       prompts_csv=/data/OpenVidHD/OpenVidHD.csv output_dir=/shared/teacher_shards \
-#       pretrained_path=/models/Wan2.1-T2V-1.3B-Diffusers model.dtype=bfloat16 \
-#       video.height=480 video.width=832 video.num_frames=81 \
-#       datagen.num_inference_steps=50 datagen.storage_dtype=bfloat16 datagen.samples_per_shard=64
+#       pretrained_path=/models/Wan2.1-T2V-1.3B-Diffusers \
+#       prompts_csv=/data/OpenVidHD/OpenVidHD.csv output_dir=/shared/teacher_shards
 #
-# Arguments are config overrides for gen_teacher.py (see configs/datagen.yaml). On an allocation with
+# Arguments are config overrides for gen_teacher.py (see configs/datagen-wan1.3b.yaml). On an allocation with
 # GPUs, `datagen.num_workers=0 datagen.num_gpus_per_worker=1` (one teacher per GPU) come first, so
 # an argument can still override them. output_dir must be on a filesystem every node sees.
 # Resubmitting (or a requeue after pre-emption) resumes: finished shards are skipped.
@@ -16,7 +14,7 @@
 # Dry run (prints the commands it would run, starts nothing; needs SLURM_JOB_NODELIST):
 #   slurm/gen_teacher.sh --dry-run [overrides]      or  GEN_TEACHER_DRY_RUN=1 slurm/gen_teacher.sh ...
 #
-# Environment knobs: GEN_TEACHER_CONFIG (configs/datagen.yaml), RAY_HEAD_PORT (6379),
+# Environment knobs: GEN_TEACHER_CONFIG (configs/datagen-wan1.3b.yaml), RAY_HEAD_PORT (6379),
 # RAY_DASHBOARD_PORT (8265), GEN_TEACHER_NODE_TIMEOUT_S (600: wait for all nodes to join),
 # PYTHON (python). The dashboard (the job API) binds to 127.0.0.1 of the head node: the job is
 # submitted from there, and the API runs arbitrary code for whoever reaches it (ssh -L to watch it).
@@ -45,7 +43,7 @@ show() { printf '%q ' "$@" | sed 's/ $//'; echo; }  # a command as one copy-past
 
 # The job runs from the submission directory; a dry run from wherever it is called.
 REPO=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-CONFIG=${GEN_TEACHER_CONFIG:-configs/datagen.yaml}
+CONFIG=${GEN_TEACHER_CONFIG:-configs/datagen-wan1.3b.yaml}
 PYTHON=${PYTHON:-python}
 HEAD_PORT=${RAY_HEAD_PORT:-6379}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
@@ -76,6 +74,12 @@ if (( GPUS_PER_NODE > 0 )); then
   OVERRIDES+=(datagen.num_workers=0 datagen.num_gpus_per_worker=1)
 fi
 OVERRIDES+=("$@")
+
+if (( ! DRY_RUN )); then
+  # Config, weights folder, CSV and free disk are checked here, in one line, before any node starts.
+  (cd "$REPO" && "$PYTHON" data_pipeline/gen_teacher.py --config "$CONFIG" --check "${OVERRIDES[@]}") \
+    || die "the job's inputs are not ready (see the line above); nothing was started"
+fi
 
 if (( DRY_RUN )); then
   HEAD_IP=$HEAD_NODE  # a real run asks the node for its address (below)

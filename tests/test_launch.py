@@ -28,7 +28,7 @@ def _dry_run(*args: str, extra_env: dict[str, str]) -> subprocess.CompletedProce
 
 
 def test_dry_run_prints_every_nodes_command_with_one_rendezvous(tmp_path):
-    proc = _dry_run("stage1", "--config", "configs/stage1.yaml", f"output_dir={tmp_path / 'run'}",
+    proc = _dry_run("stage1", "--config", "configs/stage1.yaml", "pretrained_path=null", f"output_dir={tmp_path / 'run'}",
                     extra_env=FAKE_ALLOCATION)
     assert proc.returncode == 0, proc.stderr
     lines = [m for m in map(LINE.match, proc.stdout.splitlines()) if m]
@@ -41,20 +41,20 @@ def test_dry_run_prints_every_nodes_command_with_one_rendezvous(tmp_path):
         assert f"--master-addr=gpu-a07 --master-port={port_for_job(4242)}" in command
         assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in command
         assert command.endswith(f"-m gd_train.train.trainer --run-dir {tmp_path / 'run'} --stage stage1 "
-                                f"--config configs/stage1.yaml output_dir={tmp_path / 'run'}")
+                                f"--config configs/stage1.yaml pretrained_path=null output_dir={tmp_path / 'run'}")
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
 def test_inside_a_task_the_node_rank_comes_from_slurm_nodeid(tmp_path):
     for node in (0, 5):
-        proc = _dry_run("stage1", "--config", "configs/stage1.yaml", f"output_dir={tmp_path / 'run'}",
+        proc = _dry_run("stage1", "--config", "configs/stage1.yaml", "pretrained_path=null", f"output_dir={tmp_path / 'run'}",
                         extra_env={**FAKE_ALLOCATION, "SLURM_NODEID": str(node)})
         lines = [m for m in map(LINE.match, proc.stdout.splitlines()) if m]
         assert [int(m.group(1)) for m in lines] == [node], proc.stdout + proc.stderr
 
 
 def test_paper_batch_is_refused_on_a_world_it_does_not_divide(tmp_path):
-    proc = _dry_run("stage1", "--config", "configs/stage1.yaml", f"output_dir={tmp_path / 'run'}",
+    proc = _dry_run("stage1", "--config", "configs/stage1.yaml", "pretrained_path=null", f"output_dir={tmp_path / 'run'}",
                     extra_env={**FAKE_ALLOCATION, "SLURM_GPUS_ON_NODE": "6"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("gd-train: error: key 'train.global_batch_size': 1024 is not divisible by "

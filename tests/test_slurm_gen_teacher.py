@@ -91,7 +91,7 @@ def test_dry_run_prints_head_worker_and_submit_commands(fake_bin, tmp_path, with
     submit = commands["submit"]
     assert submit[:6] == ["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir"]
     entry = submit[submit.index("--") + 1:]
-    assert entry == [sys.executable, "data_pipeline/gen_teacher.py", "--config", "configs/datagen.yaml",
+    assert entry == [sys.executable, "data_pipeline/gen_teacher.py", "--config", "configs/datagen-wan1.3b.yaml",
                      "datagen.num_workers=0", "datagen.num_gpus_per_worker=1",
                      "prompts_csv=/data/OpenVidHD.csv", "output_dir=/shared/teacher shards"]
     assert commands["head address"] == ["srun", "--nodes=1", "--ntasks=1", "-w", "dgx-a07", "hostname", "--ip-address"]

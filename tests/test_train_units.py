@@ -15,10 +15,10 @@ from train_utils import REPO_ROOT, TINY_STAGE1
 
 
 def test_batch_plan_derives_accumulation_and_refuses_what_does_not_divide():
-    paper = load_config("configs/stage1.yaml")
+    paper = load_config("configs/stage1.yaml", ["pretrained_path=null"])
     plan = BatchPlan.from_config(paper.train, world_size=64)
     assert (plan.global_batch_size, plan.micro_batch_size, plan.accumulation_steps) == (1024, 1, 16)
-    assert BatchPlan.from_config(load_config("configs/stage2.yaml").train, 64).accumulation_steps == 4
+    assert BatchPlan.from_config(load_config("configs/stage2.yaml", ["pretrained_path=null"]).train, 64).accumulation_steps == 4
     with pytest.raises(ConfigError, match=r"1024 is not divisible by train.micro_batch_size 1 x world size 48 = 48"):
         BatchPlan.from_config(paper.train, world_size=48)
     # Micro-batches of consecutive epochs form one stream; a step may straddle an epoch boundary.
@@ -62,7 +62,7 @@ def test_one_parameter_group_per_trained_adapter_and_nothing_else():
 def test_deepspeed_config_is_fp32_with_derived_accumulation():
     from gd_train.train.trainer import deepspeed_config
 
-    cfg = load_config("configs/stage1.yaml", ["train.zero_stage=3"])
+    cfg = load_config("configs/stage1.yaml", ["pretrained_path=null", "train.zero_stage=3"])
     ds = deepspeed_config(cfg, BatchPlan.from_config(cfg.train, 64))
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (1024, 1, 16)
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
