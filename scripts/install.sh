@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv and install gd-train into it.
-#   - CPU machine without torch: the CPU wheel torch==2.13.0 (a plain `torch` would pull GBs of CUDA).
-#   - a machine whose python already has torch (e.g. CUDA): that torch is kept (--system-site-packages
-#     is not needed: set GD_TORCH_SPEC to pin another build, e.g. GD_TORCH_SPEC="torch==2.13.0").
+#   - a machine whose python3 already has torch (e.g. a CUDA image): the venv sees it
+#     (--system-site-packages) and that torch is kept, pinned, never replaced;
+#   - otherwise torch==2.13.0 is installed: the CPU wheel on this project's CPU machines (a plain
+#     `torch` would pull GBs of CUDA packages); GD_TORCH_SPEC picks another build.
 # Idempotent: does nothing when pyproject.toml and the constraints have not changed since the last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
   || { echo "install: Python >= 3.11 is required ($PY is $("$PY" --version 2>&1))" >&2; exit 1; }
-[ -x "$VENV/bin/python" ] || { echo "install: creating $VENV"; "$PY" -m venv "$VENV"; }
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "install: creating $VENV on top of $PY's own torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    echo "install: creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip >/dev/null
 
