@@ -149,7 +149,7 @@ def main() -> None:
     real_reader = reader_throughput(real_rows[0][3], micro_batch_size=1, num_workers=2, max_text_tokens=512)
     real_mb = real_rows[0][2] / 1e6
 
-    print(f"\n## Reader vs training step (2 DataLoader workers; median / best of 3 epochs or 10 steps)")
+    print("\n## Reader vs training step (2 DataLoader workers; median / best of 3 epochs or 10 steps)")
     print("| what | samples/s median | samples/s best |")
     print("|---|---|---|")
     print(f"| reader, tiny shards (micro-batch {B}, {tiny_reader[2]} samples per epoch) | {tiny_reader[0]:.0f} | "

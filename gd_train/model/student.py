@@ -226,9 +226,12 @@ class GreedyDistillStudent(nn.Module):
         """(ETM cache: w+1 chunk slots, ring; SDD cache: noisy, x_0, x_{f-1}) — allocated once."""
         m = self.transformer.config
         L = self.tokens_per_chunk(height, width)
-        mk = lambda slots: KVCache(m.num_layers, batch, slots, L, m.num_attention_heads, m.attention_head_dim,  # noqa: E731
-                                   self.dtype, self.device_)
-        return mk(self.window + 1), mk(3)
+
+        def cache(slots: int) -> KVCache:
+            return KVCache(m.num_layers, batch, slots, L, m.num_attention_heads, m.attention_head_dim,
+                           self.dtype, self.device_)
+
+        return cache(self.window + 1), cache(3)
 
     def etm_step(self, frame: torch.Tensor, index: int, cache: KVCache, text: torch.Tensor) -> torch.Tensor:
         """Feed clean x_index (B, C, 1, H, W); returns c_{index+1} as (B, L, dim), projected."""
@@ -260,10 +263,9 @@ class GreedyDistillStudent(nn.Module):
         n_read = 1 if index == 0 else (2 if index == 1 else 3)
         key_pos = [SDD_POS_NOISY, SDD_POS_FIRST, SDD_POS_PREV][:n_read]
         t = torch.full((B, 1), float(sigma) * 1000.0, device=noisy.device)
-        added = None if cond is None else cond
         return self.runner(noisy, t, [SDD_POS_NOISY], text, adapter="sdd",
                            cache_ops=CacheOps(cache, write_slot=SDD_SLOT_NOISY, read_first=0, read_slots=n_read),
-                           key_positions=key_pos, added=added).velocity
+                           key_positions=key_pos, added=cond).velocity
 
     # Recompute (no cache): the same quantities from the whole history, for tests and benchmarks.
     def etm_recompute(self, history: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
