@@ -167,6 +167,20 @@ def test_stream_positions_stay_bounded_and_memory_is_constant():
     assert etm_cache.k.shape[2] == (2 + 1) * 24 and sdd_cache.k.shape[2] == 3 * 24
 
 
+def test_prompt_keys_values_are_computed_once_per_stream(student):
+    """The stream's cache keeps the prompt's cross-attention K/V from its first pass: a later pass
+    reuses them (the prompt of a stream is fixed), a fresh cache computes them anew."""
+    x = _latents(1, batch=1)
+    _, sdd_cache = student.new_caches(1, H, W)
+    first = student.sdd_velocity_step(x, 0.5, 0, None, sdd_cache, _text(batch=1, seed=1))
+    assert len(sdd_cache.text_kv) == student.transformer.config.num_layers
+    again = student.sdd_velocity_step(x, 0.5, 0, None, sdd_cache, _text(batch=1, seed=2))
+    assert torch.equal(first, again)
+    _, fresh = student.new_caches(1, H, W)
+    other = student.sdd_velocity_step(x, 0.5, 0, None, fresh, _text(batch=1, seed=2))
+    assert not torch.allclose(first, other)
+
+
 # --- 5. only adapters (and c_f) train; the base stays bit-identical ------------------------------
 def test_only_adapters_and_cf_projection_require_grad(student):
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}

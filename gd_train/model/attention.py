@@ -171,6 +171,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens_per_chunk = tokens_per_chunk
         self.slots = slots
+        # The prompt's cross-attention keys/values per layer, computed on the stream's first pass: a
+        # cache belongs to one stream, one prompt batch and one adapter, so they never change.
+        self.text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def write(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         start = slot * self.tokens_per_chunk
@@ -260,3 +263,27 @@ class StudentAttnProcessor:
         out = attend(query, key, value, state).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+class StudentCrossAttnProcessor:
+    """Text cross-attention (attn2) of the T2V model, as `WanAttnProcessor` computes it, with the
+    prompt's keys/values kept in the stream's `KVCache` after the first pass (`text_cache`), so a
+    streamed chunk projects 512 text tokens once per stream instead of once per pass."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.text_cache: Optional[KVCache] = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        cached = self.text_cache.text_kv.get(self.layer) if self.text_cache is not None else None
+        if cached is None:
+            key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+            value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if self.text_cache is not None:
+                self.text_cache.text_kv[self.layer] = (key, value)
+        else:
+            key, value = cached
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from gd_train.model.attention import AttnState, CacheOps, ChunkMask, StudentAttnProcessor, rope_at_frames
+from gd_train.model.attention import (
+    AttnState, CacheOps, ChunkMask, StudentAttnProcessor, StudentCrossAttnProcessor, rope_at_frames)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class WanPass:
         self._rope_cache: dict = {}
         for i, block in enumerate(transformer.blocks):
             block.attn1.set_processor(StudentAttnProcessor(i))
+            if block.attn2.add_k_proj is None:  # text-only cross-attention (T2V); I2V keeps diffusers'
+                block.attn2.set_processor(StudentCrossAttnProcessor(i))
         self._lora_layers = [[m for m in block.modules() if isinstance(m, BaseTunerLayer)]
                              for block in transformer.blocks]
 
@@ -122,6 +125,8 @@ class WanPass:
         self.select_adapter(i, adapter)
         block = self.model.blocks[i]
         block.attn1.processor.state = state
+        if isinstance(block.attn2.processor, StudentCrossAttnProcessor):
+            block.attn2.processor.text_cache = state.cache_ops.cache if state.cache_ops is not None else None
         return block(x, text_h, tproj, None)
 
     def select_adapter(self, i: int, adapter: Optional[str]) -> None:
