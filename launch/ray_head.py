@@ -70,6 +70,15 @@ def ray_env() -> dict[str, str]:
     return env
 
 
+def _worker_port_range(taken: set[int], size: int = 200) -> tuple[int, int]:
+    """A range for Ray's worker processes below the kernel's ephemeral ports (32768+ on Linux), where
+    `free_ports` picks the others — so the two never overlap — and clear of `taken` all the same."""
+    base = 10000 + (os.getpid() * 97) % (32768 - 10000 - size)
+    while any(base <= p < base + size for p in taken):
+        base = 10000 + (base - 10000 + size) % (32768 - 10000 - size)
+    return base, base + size - 1
+
+
 class LocalRayHead:
     def __init__(self, num_cpus: int = 2, dashboard_port: Optional[int] = None):
         self.num_cpus = num_cpus
@@ -80,8 +89,7 @@ class LocalRayHead:
          self.agent_grpc_port, self.agent_listen_port, self.metrics_port, self.runtime_env_port) = ports
         if dashboard_port is not None:
             self.dashboard_port = dashboard_port
-        worker_base = 20000 + (os.getpid() * 97) % 30000
-        self.worker_ports = (worker_base, worker_base + 199)
+        self.worker_ports = _worker_port_range(set(ports) | {self.dashboard_port})
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.temp_dir / "head.log"
 
