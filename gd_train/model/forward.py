@@ -137,6 +137,10 @@ class WanPass:
             if adapter is not None:
                 raise ValueError(f"adapter '{adapter}' requested but the model carries no LoRA")
             return
+        first = layers[0]  # the layers of a block are always switched together
+        if (first.disable_adapters if adapter is None
+                else not first.disable_adapters and first.active_adapters == [adapter]):
+            return  # already so: streaming runs several passes in a row with one adapter
         grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
         for m in layers:
             if adapter is None:
