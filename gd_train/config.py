@@ -186,6 +186,10 @@ class DataConfig:
     num_workers: int = 2  # dataloader workers per rank
     shuffle_buffer: int = 64
     resampled: bool = False  # True: sample shards with replacement, fixed steps per epoch on every rank
+    # Shards found damaged or missing at start (folder vs manifest.json, truncated tars): "continue" leaves
+    # them out and reports each in one line; "refuse" stops before any rank starts. Damage met while
+    # reading (verified against the manifest's digests) is always dropped, reported and counted.
+    on_damage: str = "continue"
 
 
 @dataclass

@@ -50,6 +50,7 @@ from gd_train.data.shards import (
     TeacherSample,
     count_samples,
     decode_sample,
+    sample_digest,
 )
 from gd_train.model.backbone import pad_prompt_embeds
 
@@ -76,28 +77,42 @@ class Batch:
 class ShardInfo:
     path: str
     samples: int
+    # What the manifest records, for verifying the bytes while they stream through the reader:
+    sha256: Optional[str] = None  # the whole file (manifests without per-sample digests)
+    sample_sha256: Optional[tuple[str, ...]] = None  # one `sample_digest` per sample, in stored order
 
 
 def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
-    """Usable shards of a folder / brace pattern / glob, and why each other shard is left out."""
-    paths = _expand(spec)
+    """Usable shards of a folder / brace pattern / glob, and why each other shard is left out.
+
+    A folder that disagrees with its manifest is a problem per shard: one listed but missing, one
+    present but never recorded as finished, one whose size differs. So is a shard named by a brace
+    pattern that does not exist, and (without a manifest) a tar cut short."""
+    paths, named_missing = _expand(spec)
     if not paths:
         raise ConfigError(f"key 'data.shards': '{spec}' names no shard-*.tar files "
                           "(expected a folder written by data_pipeline/gen_teacher.py, or a brace/glob pattern)")
     manifests: dict[str, Optional[Manifest]] = {}
     usable: list[ShardInfo] = []
-    problems: dict[str, str] = {}
+    problems: dict[str, str] = {path: f"{path}: named by data.shards but missing" for path in named_missing}
     for path in paths:
         folder = str(Path(path).parent)
         if folder not in manifests:
             manifests[folder] = _load_manifest(folder)
-        record = manifests[folder].shards.get(Path(path).name) if manifests[folder] else None
+        manifest = manifests[folder]
+        record = manifest.shards.get(Path(path).name) if manifest else None
         try:
+            if manifest is not None and record is None:
+                raise ShardFormatError(f"{path}: not in {folder}/manifest.json (never recorded as finished by the "
+                                       f"generator; left out unverified)")
             if record is not None:
                 size = os.path.getsize(path)
                 if size != record.bytes:
                     raise ShardFormatError(f"{path}: {size} bytes, the manifest says {record.bytes} (truncated or rewritten)")
                 samples = record.samples
+                if record.sample_sha256 is not None and len(record.sample_sha256) != samples:
+                    raise ShardFormatError(f"{path}: the manifest records {samples} samples but "
+                                           f"{len(record.sample_sha256)} sample digests")
             else:
                 samples = count_samples(path)
         except ShardFormatError as exc:
@@ -107,8 +122,47 @@ def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
             problems[path] = f"{path}: {exc.strerror or exc}"
             continue
         if samples > 0:
-            usable.append(ShardInfo(path=path, samples=samples))
-    return usable, problems
+            digests = tuple(record.sample_sha256) if record is not None and record.sample_sha256 is not None else None
+            usable.append(ShardInfo(path=path, samples=samples, sha256=record.sha256 if record is not None else None,
+                                    sample_sha256=digests))
+    if os.path.isdir(spec) and manifests.get(str(Path(paths[0]).parent)) is not None:
+        folder = str(Path(paths[0]).parent)
+        present = {Path(p).name for p in paths}
+        for name in sorted(set(manifests[folder].shards) - present):
+            problems[os.path.join(folder, name)] = (f"{os.path.join(folder, name)}: listed in manifest.json but "
+                                                    f"missing from the folder (deleted, or not copied)")
+    return usable, dict(sorted(problems.items()))
+
+
+def check_latent_shape(cfg, shards: Optional[Sequence[ShardInfo]] = None) -> None:
+    """The shards' latent shape against the config's video settings: from the manifest, or else from
+    the first sample of the first shard (one sample read, not the data set)."""
+    expected = tuple(latent_shape(cfg))
+    try:
+        manifest = Manifest.load(cfg.data.shards) if os.path.isdir(cfg.data.shards) else None
+    except ShardFormatError:  # reported where the shards are discovered; the samples tell the shape
+        manifest = None
+    stored = manifest.settings.get("latent_shape") if manifest else None
+    where = f"shards in '{cfg.data.shards}' hold"
+    if stored is None and shards:
+        first = _SampleStream((Piece(shards[0].path, 0, 1),), 0, None, {}).take(1, _Report())
+        stored = tuple(first[0].latents.shape) if first else None
+        where = f"{shards[0].path} holds"
+    if stored is not None and tuple(stored) != expected:
+        raise ConfigError(f"key 'data.shards': {where} latents {tuple(stored)}, the config's video settings "
+                          f"(video.num_frames, video.height, video.width) give {expected}")
+
+
+ON_DAMAGE = ("continue", "refuse")
+
+
+def refuse_damaged(problems: dict[str, str], on_damage: str) -> None:
+    """`data.on_damage=refuse`: what is known damaged at start stops the run (one line per problem)."""
+    if on_damage not in ON_DAMAGE:
+        raise ConfigError(f"key 'data.on_damage': expected one of {'|'.join(ON_DAMAGE)}, got {on_damage!r}")
+    if problems and on_damage == "refuse":
+        raise ConfigError(f"key 'data.on_damage': refuse, and data.shards has {len(problems)} damaged or missing "
+                          f"shard(s): " + "; ".join(problems.values()))
 
 
 def _load_manifest(folder: str) -> Optional[Manifest]:
@@ -124,15 +178,21 @@ def _load_manifest(folder: str) -> Optional[Manifest]:
     return manifest
 
 
-def _expand(spec: str) -> list[str]:
+def _expand(spec: str) -> tuple[list[str], list[str]]:
+    """(existing shard files, files a brace pattern names literally that do not exist)."""
     if os.path.isdir(spec):
-        return sorted(str(p) for p in Path(spec).iterdir() if SHARD_RE.match(p.name))
+        return sorted(str(p) for p in Path(spec).iterdir() if SHARD_RE.match(p.name)), []
     import braceexpand  # webdataset's own dependency, the syntax its URLs use
 
-    found = set()
+    found, missing = set(), set()
     for pattern in braceexpand.braceexpand(spec):
-        found.update(glob.glob(pattern) if glob.has_magic(pattern) else [pattern] if os.path.isfile(pattern) else [])
-    return sorted(found)
+        if glob.has_magic(pattern):
+            found.update(glob.glob(pattern))
+        elif os.path.isfile(pattern):
+            found.add(pattern)
+        elif os.path.isdir(os.path.dirname(pattern) or "."):
+            missing.add(pattern)  # a literal name: a shard the user asked for is gone
+    return sorted(found), sorted(missing)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +299,7 @@ class _Damage:
     """A planned sample that could not be read."""
 
     shard: str
-    message: str
+    message: str  # one line; "" for the rest of a shard already reported on one line
     shard_broken: bool  # the tar itself ended early (not just one undecodable sample)
 
 
@@ -267,6 +327,7 @@ class _EpochDataset(IterableDataset):
         self.max_text_tokens = max_text_tokens
         self.expected_latent_shape = expected_latent_shape
         self.fallback = list(fallback)
+        self._by_path = {shard.path: shard for shard in self.fallback}
 
     def __iter__(self) -> Iterator[tuple[Batch, _Report]]:
         info = get_worker_info()
@@ -280,7 +341,8 @@ class _EpochDataset(IterableDataset):
         plan, B = assignment.plan, self.micro_batch_size
         window_size = self.window_batches * B
         first_window = assignment.first_batch // self.window_batches
-        stream = _SampleStream(plan.pieces, first_window * window_size, self.expected_latent_shape)
+        stream = _SampleStream(plan.pieces, first_window * window_size, self.expected_latent_shape,
+                               self._by_path)
         for window in range(first_window, math.ceil(plan.num_batches / self.window_batches)):
             batches_here = min(self.window_batches, plan.num_batches - window * self.window_batches)
             report = _Report()
@@ -307,7 +369,8 @@ class _EpochDataset(IterableDataset):
         """Rare: a whole window unreadable. Borrow the first readable sample of the data set (the
         same one every time); with none at all the data set is gone and we say so."""
         for shard in self.fallback:
-            stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self.expected_latent_shape)
+            stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self.expected_latent_shape,
+                                   self._by_path)
             for _ in range(shard.samples):
                 found = stream.take(1, _Report())
                 if found:
@@ -322,10 +385,21 @@ class _EpochDataset(IterableDataset):
 
 
 class _SampleStream:
-    """A worker's planned samples in order, read with WebDataset one shard at a time."""
+    """A worker's planned samples in order, read with WebDataset one shard at a time, each verified
+    against the manifest as its bytes stream through (no second pass over the data):
 
-    def __init__(self, pieces: Sequence[Piece], start_position: int, expected_latent_shape: Optional[tuple[int, ...]]):
+    - with per-sample digests, each sample's member bytes are hashed as they arrive, and one that
+      differs is dropped on its own (the rest of the shard is used);
+    - with only the whole file's sha256 (older manifests), the file is hashed as the tar streams
+      through, and the piece's samples are held back until the digest agrees at the end of the file
+      (a piece that stops early reads on to the end, hashing only). On a mismatch none of them is used;
+    - without a manifest there is nothing to verify against: only the tar structure and decoding.
+    """
+
+    def __init__(self, pieces: Sequence[Piece], start_position: int, expected_latent_shape: Optional[tuple[int, ...]],
+                 shards: dict[str, ShardInfo]):
         self.expected_latent_shape = expected_latent_shape
+        self.shards = shards
         self._items = self._iterate(pieces, start_position)
 
     def take(self, count: int, report: _Report) -> list[TeacherSample]:
@@ -338,7 +412,8 @@ class _SampleStream:
                 good.append(item)
             else:
                 report.corrupt_samples += 1
-                report.messages.append(item.message)
+                if item.message:
+                    report.messages.append(item.message)
                 if item.shard_broken and item.shard not in report.corrupt_shards:
                     report.corrupt_shards.append(item.shard)
         return good
@@ -355,26 +430,61 @@ class _SampleStream:
             position += size
 
     def _read_piece(self, piece: Piece) -> Iterator[TeacherSample | _Damage]:
-        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
+        info = self.shards.get(piece.path)
+        digests = info.sample_sha256 if info is not None else None
+        whole_sha = info.sha256 if info is not None and digests is None else None
         errors: list[str] = []
 
         def note(exc: Exception) -> bool:  # WebDataset's handler protocol: True = carry on
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return True
 
+        items: list[TeacherSample | _Damage] = []  # held back only under whole-file verification
         index = 0
-        for raw in wds.tarfile_samples([{"url": piece.path}], handler=note):
-            if index >= piece.stop:
-                break
-            if index >= piece.start:
-                yield self._decode(raw)
-            index += 1
-        if index < piece.stop:
-            cause = errors[0] if errors else "tar ended"
-            for missing in range(max(index, piece.start), piece.stop):
-                yield _Damage(piece.path, f"{piece.path}: sample #{missing} missing, the shard ended after "
-                                          f"{index} ({cause})", shard_broken=True)
+        try:
+            source = _HashingReader(piece.path, whole_sha is not None)
+        except OSError as exc:
+            errors.append(f"{exc.strerror or exc}")
+            source = None
+        if source is not None:
+            with source:
+                samples = group_by_keys(tar_file_expander([{"url": piece.path, "stream": source}], handler=note,
+                                                          eof_value=None), handler=note)
+                for raw in samples:
+                    if index >= piece.stop:
+                        break
+                    if index >= piece.start:
+                        item = self._check(raw, index, digests)
+                        if whole_sha is None:
+                            yield item
+                        else:
+                            items.append(item)
+                    index += 1
+                samples.close()
+                if whole_sha is not None:
+                    source.drain()
+        cause = errors[0] if errors else "tar ended"
+        missing = [_Damage(piece.path, f"{piece.path}: sample #{i} missing, the shard ended after {index} ({cause})",
+                           shard_broken=True) for i in range(max(index, piece.start), piece.stop)]
+        if whole_sha is not None and source is not None and source.hexdigest() != whole_sha:
+            planned = piece.stop - piece.start
+            items = [_Damage(piece.path, f"{piece.path}: its bytes differ from the manifest's sha256 (damaged); "
+                                         f"all {planned} sample(s) planned from it here are dropped" if i == 0 else "",
+                             shard_broken=True) for i in range(planned)]
+            missing = []
+        yield from items
+        yield from missing
+
+    def _check(self, raw: dict[str, Any], index: int, digests: Optional[tuple[str, ...]]) -> TeacherSample | _Damage:
+        source, key = str(raw.get("__url__")), str(raw.get("__key__", "?"))
+        if digests is not None:
+            members = {k: v for k, v in raw.items() if not k.startswith("__")}
+            if index >= len(digests) or sample_digest(key, members) != digests[index]:
+                return _Damage(source, f"{source}: sample '{key}' (#{index}) differs from the manifest's digest "
+                                       f"(damaged bytes); dropped", shard_broken=False)
+        return self._decode(raw)
 
     def _decode(self, raw: dict[str, Any]) -> TeacherSample | _Damage:
         source = str(raw.get("__url__"))
@@ -389,6 +499,37 @@ class _SampleStream:
         return sample
 
 
+class _HashingReader:
+    """A shard file as the tar reader consumes it (sequential `read` only), optionally hashed on the way."""
+
+    def __init__(self, path: str, hashed: bool):
+        self.name = path
+        self._fh = open(path, "rb")
+        self._hash = hashlib.sha256() if hashed else None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        if self._hash is not None:
+            self._hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def hexdigest(self) -> Optional[str]:
+        return self._hash.hexdigest() if self._hash is not None else None
+
+    def __enter__(self) -> "_HashingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+    def __repr__(self) -> str:  # WebDataset appends it to error messages
+        return self.name
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -401,7 +542,7 @@ class ShardReader:
 
     def __init__(self, shards: str, *, rank: int, world_size: int, micro_batch_size: int, num_workers: int,
                  seed: int, max_text_tokens: int, shuffle_buffer: int = 0, resampled: bool = False,
-                 expected_latent_shape: Optional[Sequence[int]] = None):
+                 expected_latent_shape: Optional[Sequence[int]] = None, on_damage: str = "continue"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if micro_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
@@ -415,8 +556,10 @@ class ShardReader:
         self.window_batches = max(1, math.ceil(shuffle_buffer / micro_batch_size))
 
         self.shards, problems = discover_shards(shards)
-        for line in problems.values():
-            log.warning("skipping shard: %s", line)
+        refuse_damaged(problems, on_damage)
+        if rank == 0:  # the same on every rank: reported once
+            for line in problems.values():
+                log.warning("skipping shard: %s", line)
         self.samples_per_epoch = sum(s.samples for s in self.shards)
         if self.samples_per_epoch < world_size * micro_batch_size:
             raise ConfigError(
@@ -425,20 +568,17 @@ class ShardReader:
                 f"{world_size * micro_batch_size}: not one step is possible")
         self._epoch, self._consumed = 0, 0
         self._corrupt_shards: set[str] = set(problems)
+        self.skipped_shards = len(problems)
         self._counters = {"corrupt_samples": 0, "repeated_samples": 0}
 
     @classmethod
     def from_config(cls, cfg, *, rank: int, world_size: int) -> "ShardReader":
         expected = latent_shape(cfg)
-        manifest = _load_manifest(cfg.data.shards) if os.path.isdir(cfg.data.shards) else None
-        stored = manifest.settings.get("latent_shape") if manifest else None
-        if stored is not None and tuple(stored) != tuple(expected):
-            raise ConfigError(f"key 'data.shards': shards in '{cfg.data.shards}' hold latents {tuple(stored)}, "
-                              f"the config's video settings give {tuple(expected)}")
+        check_latent_shape(cfg)
         return cls(cfg.data.shards, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
                    num_workers=cfg.data.num_workers, seed=cfg.seed, max_text_tokens=cfg.model.max_text_tokens,
                    shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                   expected_latent_shape=expected)
+                   expected_latent_shape=expected, on_damage=cfg.data.on_damage)
 
     # ----------------------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -515,6 +655,7 @@ class ShardReader:
     def stats(self) -> dict[str, int]:
         return {"shards": len(self.shards), "samples_per_epoch": self.samples_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch(), "corrupt_shards": len(self._corrupt_shards),
+                "skipped_shards": self.skipped_shards,
                 "corrupt_samples": self._counters["corrupt_samples"],
                 "repeated_samples": self._counters["repeated_samples"],
                 "dropped_tail_samples": self.plan(self._epoch).dropped_tail, "epoch": self._epoch,

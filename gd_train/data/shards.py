@@ -9,7 +9,9 @@ Keys hold no dots (WebDataset splits member names at the first dot).
 A shard appears under its final name only when complete (`write_shard`: temporary name, fsync,
 rename — WebDataset's own writers write straight to the final name, so a crash would leave a
 truncated tar that looks whole). `manifest.json` beside the shards records each finished shard's
-sample count, size and checksums; the reader takes its epoch length from it without opening tars.
+sample count, size and checksums — of the whole file, and (since v1 writers added it) one digest per
+sample, so that the reader can verify each sample as it streams through and drop just a damaged one.
+The reader takes its epoch length from it without opening tars.
 """
 
 from __future__ import annotations
@@ -95,6 +97,25 @@ class ShardRecord:
     bytes: int
     sha256: str
     keys_sha256: str  # digest of its sample keys in order: ties the file to its place in the plan
+    # `sample_digest` of each sample in stored order; None in manifests written before it existed
+    # (those shards are verified whole, against `sha256`).
+    sample_sha256: Optional[list[str]] = None
+
+
+SAMPLE_DIGEST_HEX = 32  # 128 bits: against damage, not an adversary; keeps the manifest ~40 B per sample
+
+
+def sample_digest(key: str, members: dict[str, bytes]) -> str:
+    """sha256 over a sample's key and members (extension, length, bytes; extensions sorted), truncated.
+
+    `members` are the member bytes by extension, as `encode_sample` makes them and WebDataset reads
+    them back, so writer and reader hash the very bytes that go into and come out of the tar."""
+    digest = hashlib.sha256(key.encode("utf-8"))
+    for ext in sorted(members):
+        data = members[ext]
+        digest.update(b"\0%s\0%d\0" % (ext.encode("utf-8"), len(data)))
+        digest.update(data)
+    return digest.hexdigest()[:SAMPLE_DIGEST_HEX]
 
 
 def keys_digest(keys: Iterable[str]) -> str:
@@ -122,17 +143,20 @@ def write_shard(path: str | os.PathLike, samples: Iterable[TeacherSample], *, at
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{attempt_tag}{PARTIAL_SUFFIX}")
     keys: list[str] = []
+    digests: list[str] = []
     try:
         with open(tmp, "wb") as fh:
             # An int mtime: a float one makes tarfile add a PAX header to every member.
             with wds.TarWriter(fh, encoder=False, mtime=0) as writer:
                 for sample in samples:
-                    writer.write(encode_sample(sample))
+                    encoded = encode_sample(sample)
+                    writer.write(encoded)
                     keys.append(sample.key)
+                    digests.append(sample_digest(sample.key, {k: v for k, v in encoded.items() if k != "__key__"}))
             fh.flush()
             os.fsync(fh.fileno())
         record = ShardRecord(samples=len(keys), bytes=tmp.stat().st_size, sha256=file_sha256(tmp),
-                             keys_sha256=keys_digest(keys))
+                             keys_sha256=keys_digest(keys), sample_sha256=digests)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
