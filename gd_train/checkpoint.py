@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -64,6 +64,9 @@ class Manifest:
     base_fingerprint: str  # sha256 of the frozen base weights: proves they never changed
     reason: str = "periodic"  # periodic | preempted | final
     skipped_micro_steps: int = 0  # NaN/inf losses skipped so far
+    # Every file of the checkpoint (relative path -> bytes), listed by rank 0 once all ranks finished:
+    # what `missing_files` checks before any rank loads it. Empty in checkpoints written before it.
+    files: dict[str, int] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: str = FORMAT
 
@@ -97,10 +100,45 @@ def latest_tag(run_dir: str | os.PathLike) -> Optional[str]:
     return path.read_text().strip() or None
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A complete checkpoint folder from a run folder (its `latest`) or a checkpoint folder itself."""
+def missing_files(folder: Path, manifest: Manifest) -> list[str]:
+    """What an incomplete checkpoint lacks (a file gone, or of another size); [] when complete. For
+    checkpoints without a file list: each rank's trainer state and DeepSpeed's model states."""
+    expected = manifest.files or {f"{TRAINER_DIR}/rank-{r:05d}.json": None for r in range(manifest.world_size)}
+    if not manifest.files:
+        expected["mp_rank_00_model_states.pt"] = None
+    problems = []
+    for name, size in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} missing")
+        elif size is not None and path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
+    return problems
+
+
+def _complete(folder: Path) -> tuple[Optional[Manifest], list[str]]:
+    """(manifest, problems): problems is [] when the checkpoint can be loaded as it is."""
+    if folder.name.startswith(PARTIAL_PREFIX) or not (folder / MANIFEST).is_file():
+        return None, [f"no {MANIFEST} (a save that did not finish)"]
+    try:
+        manifest = Manifest.read(folder)
+    except CheckpointError as exc:
+        return None, [str(exc)]
+    return manifest, missing_files(folder, manifest)
+
+
+def resolve(path: str | os.PathLike, warn: Optional[Callable[[str], None]] = None) -> Path:
+    """A complete checkpoint folder from a run folder (its `latest`) or a checkpoint folder itself.
+
+    A checkpoint folder named explicitly must be complete. A run whose latest checkpoint has lost files
+    falls back to its newest complete earlier checkpoint (`warn` gets one line saying so); with none,
+    it is refused in one line."""
     path = Path(path)
     if (path / MANIFEST).is_file():
+        _, problems = _complete(path)
+        if problems:
+            raise CheckpointError(f"checkpoint {path}: incomplete ({'; '.join(problems[:3])}"
+                                  f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''})")
         return path
     if path.name.startswith(PARTIAL_PREFIX):
         raise CheckpointError(f"checkpoint {path}: half-written (a save that did not finish); use the run's latest")
@@ -112,10 +150,22 @@ def resolve(path: str | os.PathLike) -> Path:
         if tag is None:
             raise CheckpointError(f"run folder {path}: no complete checkpoint yet ({CHECKPOINTS}/{LATEST} is missing)")
         folder = checkpoints_dir(path) / tag
-        if not (folder / MANIFEST).is_file():
-            raise CheckpointError(f"run folder {path}: {CHECKPOINTS}/{LATEST} names '{tag}', but {folder} "
-                                  f"{'lacks ' + MANIFEST + ' (incomplete)' if folder.is_dir() else 'does not exist'}")
-        return folder
+        if not folder.is_dir():
+            raise CheckpointError(f"run folder {path}: {CHECKPOINTS}/{LATEST} names '{tag}', but {folder} does not exist")
+        _, problems = _complete(folder)
+        if not problems:
+            return folder
+        why = "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
+        earlier = [p for p in sorted(checkpoints_dir(path).iterdir(), reverse=True)
+                   if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX) and p.name < tag]
+        for candidate in earlier:
+            if not _complete(candidate)[1]:
+                if warn is not None:
+                    warn(f"latest checkpoint {tag} of {path} is incomplete ({why}); resuming from {candidate.name}, "
+                         f"the newest complete one")
+                return candidate
+        raise CheckpointError(f"run folder {path}: latest checkpoint {tag} is incomplete ({why}) and no earlier "
+                              f"complete checkpoint exists")
     raise CheckpointError(f"{path}: neither a run folder ({CHECKPOINTS}/{LATEST}) nor a checkpoint folder ({MANIFEST})")
 
 
@@ -129,6 +179,23 @@ def adapters_folder(path: str | os.PathLike) -> Path:
     if not (folder / "etm" / "adapter_config.json").is_file():
         raise CheckpointError(f"{path}: its checkpoint holds no {ADAPTERS_DIR}/etm export")
     return folder
+
+
+def check_adapter_specs(folder: Path, cfg) -> None:
+    """Saved adapters' rank and target modules against the config's `student.{etm,sdd}_lora`, from their
+    adapter_config.json alone: one line before any rank builds a model."""
+    for name in ("etm", "sdd"):
+        path = Path(folder) / name / "adapter_config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"adapters folder {folder}: unreadable {name}/adapter_config.json ({exc})") from None
+        spec = cfg.student[f"{name}_lora"]
+        targets = sorted(saved.get("target_modules") or [])
+        if int(saved.get("r", -1)) != int(spec.rank) or set(targets) != set(spec.target_modules):
+            raise CheckpointError(f"key 'train.init_from': adapters folder {folder}: {name} has rank {saved.get('r')} "
+                                  f"on {targets}, the config asks rank {spec.rank} on {sorted(spec.target_modules)} "
+                                  f"(set student.{name}_lora to match)")
 
 
 @dataclass
@@ -148,8 +215,9 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Listing]:
     latest = latest_tag(run_dir)
     out = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        complete = (folder / MANIFEST).is_file() and not folder.name.startswith(PARTIAL_PREFIX)
-        manifest = Manifest.read(folder) if complete else None
+        manifest, problems = _complete(folder)
+        complete = not problems
+        manifest = manifest if complete else None
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         out.append(Listing(folder.name, folder, complete, folder.name == latest, manifest, size))
     return out
@@ -280,6 +348,8 @@ def save(engine, student, run_dir: str | os.PathLike, manifest: Manifest, rank_s
         missing = [r for r in range(manifest.world_size) if not (partial / TRAINER_DIR / f"rank-{r:05d}.json").is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {partial}: ranks {missing} wrote no trainer state")
+        manifest.files = {str(p.relative_to(partial)): p.stat().st_size
+                          for p in sorted(partial.rglob("*")) if p.is_file() and p.name != MANIFEST}
         _write_atomic(partial / MANIFEST, manifest.to_json())
         if final.exists():  # a complete save of this step from a run that crashed before moving `latest`
             shutil.rmtree(final)

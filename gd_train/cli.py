@@ -123,7 +123,6 @@ def _launch(args: argparse.Namespace, worker_argv: list[str], run_dir: Path) -> 
 
 def start(args: argparse.Namespace) -> int:
     from gd_train import checkpoint
-    from gd_train.data.reader import discover_shards
     from gd_train.train.plan import BatchPlan, validate_train_config
 
     stage = args.command
@@ -137,11 +136,31 @@ def start(args: argparse.Namespace) -> int:
         raise ConfigError(f"key 'output_dir': {run_dir} already holds a run (checkpoint {checkpoint.latest_tag(run_dir)}); "
                           f"continue it with `gd-train resume {run_dir}` or choose another output_dir")
     if cfg.train.init_from is not None:
-        checkpoint.adapters_folder(cfg.train.init_from)
+        checkpoint.check_adapter_specs(checkpoint.adapters_folder(cfg.train.init_from), cfg)
     if not args.dry_run:
-        discover_shards(cfg.data.shards)  # no shards: one line now, not a traceback per rank later
+        _check_data(cfg, world_size)  # one line now, not a traceback per rank later
     worker = [*WORKER, "--run-dir", str(run_dir), "--stage", stage, "--config", args.config, *args.overrides]
     return _launch(args, worker, run_dir)
+
+
+def _check_data(cfg, world_size: int) -> None:
+    """The shards against the config and this launch, before any rank starts: present, their damage
+    under `data.on_damage=refuse` (one line per problem, then the refusal), the latent shape."""
+    from gd_train.data.reader import check_latent_shape, discover_shards, refuse_damaged
+
+    shards, problems = discover_shards(cfg.data.shards)
+    refuse_damaged({}, cfg.data.on_damage)  # the value itself
+    if problems and cfg.data.on_damage == "refuse":
+        for line in problems.values():
+            print(f"gd-train: damaged data: {line}", file=sys.stderr)
+        raise ConfigError(f"key 'data.on_damage': refuse, and {len(problems)} shard(s) of data.shards are damaged "
+                          f"or missing (listed above); restore or regenerate them, or set data.on_damage=continue "
+                          f"to train on the rest")
+    check_latent_shape(cfg, shards)
+    samples, needed = sum(s.samples for s in shards), world_size * cfg.train.micro_batch_size
+    if samples < needed:
+        raise ConfigError(f"key 'data.shards': '{cfg.data.shards}' holds {samples} readable sample(s), fewer than "
+                          f"world_size x micro_batch_size = {needed}: not one step is possible")
 
 
 def resume(args: argparse.Namespace) -> int:
@@ -149,12 +168,14 @@ def resume(args: argparse.Namespace) -> int:
     from gd_train.train.plan import BatchPlan, load_run_config
 
     run_dir = Path(args.run_dir)
-    folder = checkpoint.resolve(run_dir)
+    folder = checkpoint.resolve(run_dir, warn=lambda line: print(f"gd-train: warning: {line}", file=sys.stderr))
     cfg = load_run_config(run_dir, None, None, True, args.overrides)
     args.plans = _node_plans(args)
     world_size = args.plans[1][0].world_size
     checkpoint.check_world_size(folder, checkpoint.Manifest.read(folder), world_size)
     BatchPlan.from_config(cfg.train, world_size)
+    if not args.dry_run:
+        _check_data(cfg, world_size)
     worker = [*WORKER, "--run-dir", str(run_dir), "--resume", *args.overrides]
     return _launch(args, worker, run_dir)
 
@@ -194,6 +215,9 @@ def ckpt_show(args: argparse.Namespace) -> int:
     manifest = checkpoint.Manifest.read(folder)
     print(f"checkpoint {folder}")
     print(manifest.to_json())
+    data = _data_counters(folder)
+    if data:
+        print("data damage (all ranks): " + ", ".join(f"{k} {v}" for k, v in data.items()))
     adapters = folder / checkpoint.ADAPTERS_DIR
     for name in ("etm", "sdd"):
         config_path = adapters / name / "adapter_config.json"
@@ -204,6 +228,23 @@ def ckpt_show(args: argparse.Namespace) -> int:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(folder)}  {path.stat().st_size} bytes")
     return 0
+
+
+def _data_counters(folder: Path) -> dict[str, int]:
+    """The readers' damage counters in a checkpoint's per-rank trainer states, summed over ranks (shards
+    left out at start are the same on every rank: counted once)."""
+    from gd_train import checkpoint
+
+    states = [json.loads(p.read_text()).get("reader", {})
+              for p in sorted((folder / checkpoint.TRAINER_DIR).glob("rank-*.json"))]
+    if not states:
+        return {}
+    out = {"skipped_shards": max(len(s.get("skipped_shards", [])) for s in states),
+           "broken_shards": len({p for s in states for p in s.get("corrupt_shards", [])}
+                                - {p for s in states for p in s.get("skipped_shards", [])})}
+    for key in ("corrupt_samples", "repeated_samples"):
+        out[key] = sum(int(s.get("counters", {}).get(key, 0)) for s in states)
+    return out
 
 
 def ckpt_export(args: argparse.Namespace) -> int:

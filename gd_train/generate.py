@@ -124,6 +124,42 @@ class Generator:
                             writer.frames if writer is not None else 0)
 
 
+def _parse_steps(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: expected comma-separated integer timesteps, e.g. 1000,750,500,250") from None
+
+
+def _read_prompt_embeds(path: str, cfg) -> dict[str, torch.Tensor]:
+    """The --prompt-embeds file, checked before any model is built: safetensors, with `prompt_embeds`
+    (tokens, text_dim) or (1, tokens, text_dim) of the model's text width."""
+    from safetensors.torch import load_file
+
+    from gd_train.config import transformer_arch
+
+    width = transformer_arch(cfg)["text_dim"]
+    expected = f"a safetensors file with `prompt_embeds` of shape (tokens, {width})"
+    if not Path(path).is_file():
+        raise ValueError(f"--prompt-embeds {path}: no such file; expected {expected}")
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors' own errors (SafetensorError, ...): not this format
+        raise ValueError(f"--prompt-embeds {path}: unreadable ({type(exc).__name__}: {exc}); expected {expected}") from None
+    emb = tensors.get("prompt_embeds")
+    if emb is None:
+        raise ValueError(f"--prompt-embeds {path}: no `prompt_embeds` tensor inside (has {sorted(tensors)}); "
+                         f"expected {expected}")
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.ndim not in (2, 3) or (t.ndim == 3 and t.shape[0] != 1) or t.shape[-1] != width:
+            raise ValueError(f"--prompt-embeds {path}: `{name}` has shape {tuple(t.shape)}, expected (tokens, {width}) "
+                             f"(the text width of this config's model)")
+    return tensors
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     n_frames = args.latent_frames if args.latent_frames is not None else cfg.generate.latent_frames
@@ -132,24 +168,20 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else cfg.generate.seed
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    steps = _parse_steps(args.steps) if args.steps else None
     if args.vbench_dir or args.prompt_file:
         return run_prompt_list(args, cfg, n_frames, seed, device, steps)
     if args.out is None or Path(args.out).suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: expected a .safetensors file name")
 
+    tensors = _read_prompt_embeds(args.prompt_embeds, cfg) if args.prompt_embeds else None
     gen = Generator(cfg, device, args.adapters, kv_cache=not args.no_kv_cache, steps=steps,
                     need_text=args.prompt_embeds is None, need_vae=args.mp4 is not None)
     text_prompt = None
     negative = None
     if args.prompt_embeds:
-        from safetensors.torch import load_file
-
         from gd_train.model.backbone import pad_prompt_embeds
 
-        tensors = load_file(args.prompt_embeds)
-        if "prompt_embeds" not in tensors:
-            raise ValueError(f"--prompt-embeds {args.prompt_embeds}: no `prompt_embeds` tensor inside")
         emb = tensors["prompt_embeds"]
         prompt_embeds = pad_prompt_embeds([emb[0] if emb.ndim == 3 else emb], cfg.model.max_text_tokens)
         if gen.settings.guidance_scale != 1.0:

@@ -465,7 +465,7 @@ class _SampleStream:
                 samples.close()
                 if whole_sha is not None:
                     source.drain()
-        cause = errors[0] if errors else "tar ended"
+        cause = errors[0] if errors else "the tar ends early or a header is damaged"
         missing = [_Damage(piece.path, f"{piece.path}: sample #{i} missing, the shard ended after {index} ({cause})",
                            shard_broken=True) for i in range(max(index, piece.start), piece.stop)]
         if whole_sha is not None and source is not None and source.hexdigest() != whole_sha:
@@ -568,7 +568,7 @@ class ShardReader:
                 f"{world_size * micro_batch_size}: not one step is possible")
         self._epoch, self._consumed = 0, 0
         self._corrupt_shards: set[str] = set(problems)
-        self.skipped_shards = len(problems)
+        self._skipped = sorted(problems)  # left out at start: the same on every rank
         self._counters = {"corrupt_samples": 0, "repeated_samples": 0}
 
     @classmethod
@@ -632,7 +632,7 @@ class ShardReader:
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "rank": self.rank, "epoch": self._epoch,
                 "batches_consumed": self._consumed, "layout": self._layout(), "counters": dict(self._counters),
-                "corrupt_shards": sorted(self._corrupt_shards)}
+                "corrupt_shards": sorted(self._corrupt_shards), "skipped_shards": sorted(self._skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -655,7 +655,7 @@ class ShardReader:
     def stats(self) -> dict[str, int]:
         return {"shards": len(self.shards), "samples_per_epoch": self.samples_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch(), "corrupt_shards": len(self._corrupt_shards),
-                "skipped_shards": self.skipped_shards,
+                "skipped_shards": len(self._skipped), "broken_shards": len(self._corrupt_shards - set(self._skipped)),
                 "corrupt_samples": self._counters["corrupt_samples"],
                 "repeated_samples": self._counters["repeated_samples"],
                 "dropped_tail_samples": self.plan(self._epoch).dropped_tail, "epoch": self._epoch,

@@ -198,7 +198,8 @@ class Trainer:
         return losses
 
     def _log(self, draw) -> None:
-        _log_step(self.metrics, self.engine, self.objective, self.interval, self.state, draw, self.total_steps)
+        _log_step(self.metrics, self.engine, self.objective, self.interval, self.state, draw, self.total_steps,
+                  _data_scalars(self.reader))
         self.interval = _Interval()
 
     def _checkpoint(self, reason: str) -> None:
@@ -351,7 +352,18 @@ class _Interval:
         self.samples += samples
 
 
-def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: RunState, draw, total_steps: int) -> None:
+def _data_scalars(reader: ShardReader) -> dict[str, float]:
+    """The reader's damage counters as `data/...` scalars, summed over ranks (a collective). Shards left
+    out at start and the dropped tail are the same on every rank: rank 0's value."""
+    stats = reader.stats
+    summed = distributed.all_reduce([float(stats[k]) for k in ("corrupt_samples", "repeated_samples", "broken_shards")])
+    return {"data/corrupt_samples": summed[0], "data/repeated_samples": summed[1], "data/broken_shards": summed[2],
+            "data/skipped_shards": float(stats["skipped_shards"]),
+            "data/dropped_tail_samples": float(stats["dropped_tail_samples"])}
+
+
+def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: RunState, draw, total_steps: int,
+              data: dict[str, float]) -> None:
     # Throughput and memory: the slowest / largest rank is what limits the run.
     time_s, wait_s, *memory = distributed.all_reduce(
         [interval.time_s, interval.data_wait_s, *memory_gib().values()], op="max")
@@ -369,6 +381,7 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
         "progress/samples_seen": float(state.samples_seen),
     }
     scalars.update(dict(zip(memory_gib().keys(), memory)))
+    scalars.update(data)
     if draw is not None:
         scalars.update({"rl/f": float(draw.frame), "rl/t": float(draw.timestep)})
         scalars.update({f"rl/{k}": v for k, v in objective.last_stats.items()})
