@@ -19,9 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from gd_train import vbench
 from gd_train.config import ConfigError, load_config, to_yaml
-
-VBENCH_NAME_LIMIT = 180  # VBench truncates long prompts to this many characters in file names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-embeds", default=None, help="safetensors file with `prompt_embeds` (tokens, dim)")
     prompt.add_argument("--prompt-file", default=None, help="one prompt per line (with --vbench-dir)")
     p.add_argument("--vbench-dir", default=None, help="write <dir>/<prompt>-<index>.mp4 for every prompt")
+    p.add_argument("--vbench-mode", default="standard", choices=["standard", "custom_input"],
+                   help="standard: whole-prompt names, a name too long for the file system is refused; "
+                        "custom_input: such prompts get short names and <dir>/vbench_prompts.json maps names to prompts")
     p.add_argument("--samples-per-prompt", type=int, default=5, help="videos per prompt in --vbench-dir mode")
     p.add_argument("--adapters", default=None, help="exported adapters folder (etm/, sdd/, cf_proj.safetensors)")
     p.add_argument("--steps", default=None, help="comma-separated step list (default: student.denoising_steps)")
@@ -213,27 +215,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def vbench_file_name(prompt: str, index: int) -> str:
-    return f"{prompt[:VBENCH_NAME_LIMIT]}-{index}.mp4"
-
-
-def read_prompt_file(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--prompt-file {path}: not found (expected a text file, one prompt per line)")
-    prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        prompt = line.strip()
-        if not prompt:
-            continue
-        if "/" in prompt or "\0" in prompt:
-            raise ValueError(f"--prompt-file {path}: line {number} holds '/', which cannot stand in a VBench file name")
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"--prompt-file {path}: no prompts (expected one per line)")
-    return prompts
-
-
 def run_prompt_list(args, cfg, n_frames: int, seed: int, device: torch.device, steps) -> int:
     """Every prompt x `--samples-per-prompt` videos, named as VBench expects. Sample k of prompt i uses
     seed `seed + i * K + k`, so any subset can be regenerated alone; existing files are kept (resume)."""
@@ -241,17 +222,18 @@ def run_prompt_list(args, cfg, n_frames: int, seed: int, device: torch.device, s
         raise ValueError("--prompt-file and --vbench-dir go together")
     if args.samples_per_prompt < 1:
         raise ValueError(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
-    prompts = read_prompt_file(args.prompt_file)
+    prompts = vbench.read_prompt_file(args.prompt_file)
     out_dir = Path(args.vbench_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    K = args.samples_per_prompt
+    naming = vbench.Naming(out_dir, args.vbench_mode, prompts, K, args.prompt_file)  # refusals before any model
     gen = Generator(cfg, device, args.adapters, kv_cache=not args.no_kv_cache, steps=steps,
                     need_text=True, need_vae=True)
-    K = args.samples_per_prompt
     done = skipped = 0
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(p.text for p in prompts):
         embeds = None
         for k in range(K):
-            path = out_dir / vbench_file_name(prompt, k)
+            path = naming.path(i, k)
             if path.exists():
                 skipped += 1
                 continue
@@ -259,8 +241,9 @@ def run_prompt_list(args, cfg, n_frames: int, seed: int, device: torch.device, s
             gen.run(embeds, n_frames, seed + i * K + k, path, progress=False)
             done += 1
         print(f"[{i + 1}/{len(prompts)}] {prompt[:60]!r}: {K} videos", flush=True)
-    print(f"wrote {done} videos to {out_dir} ({skipped} already there); evaluate with VBench's "
-          f"`--videos_path {out_dir}`")
+    prompt_map = naming.write_prompt_map()
+    print(f"wrote {done} videos to {out_dir} ({skipped} already there)"
+          + (f" and the prompt map {prompt_map}" if prompt_map else "") + f"; evaluate with `{naming.evaluate_hint()}`")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,9 @@ class Mp4Writer:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(self.path.name + ".partial")
+        # A short temporary name: the final one may already use all of the file system's NAME_MAX.
+        digest = hashlib.sha256(self.path.name.encode()).hexdigest()[:16]
+        self._tmp = self.path.with_name(f".{digest}.mp4.partial")
         self._container = av.open(str(self._tmp), mode="w", format="mp4")
         self._stream = None
         self.fps = fps
