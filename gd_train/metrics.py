@@ -3,7 +3,8 @@ logged step in `<run_dir>/metrics.jsonl`. Only rank 0 writes; the values it writ
 reduced over ranks by the trainer.
 
 Tags are `group/name`, and a custom-scalars layout groups them so the dashboard opens sorted into
-loss, optimisation, throughput, system and RL. On resume the writer purges events at or after the
+loss (one chart per objective), optimisation, progress, throughput, system and RL; every scalar
+group logged has its place in it (tested). On resume the writer purges events at or after the
 resumed step (`purge_step`) and `metrics.jsonl` is cut back to the checkpoint, so curves continue
 without a fork.
 """
@@ -22,11 +23,16 @@ import numpy as np
 TB_DIR = "tb"
 METRICS_FILE = "metrics.jsonl"
 
+# One chart per objective: stage 1's flow-matching loss and stage 2's RL loss measure different things.
+LOSS_TAGS = {"loss/stage1_next_chunk": "stage 1: next-chunk flow matching (Eq. 6)",
+             "loss/stage2_rl": "stage 2: RL fine-tuning, DMD-style (Eq. 10)"}
 LAYOUT = {
-    "loss": {"training loss": ["Multiline", [r"loss/.*"]]},
+    "loss": {title: ["Multiline", [rf"^{tag}$"]] for tag, title in LOSS_TAGS.items()},
     "optimisation": {"learning rate": ["Multiline", [r"optimisation/lr.*"]],
                      "gradient norm": ["Multiline", [r"optimisation/grad_norm"]],
                      "skipped (non-finite loss)": ["Multiline", [r"optimisation/skipped.*"]]},
+    "progress": {"epoch": ["Multiline", [r"^progress/epoch$"]],
+                 "samples seen": ["Multiline", [r"^progress/samples_seen$"]]},
     "throughput": {"samples and tokens per second": ["Multiline", [r"throughput/(samples|tokens)_per_s"]],
                    "step time": ["Multiline", [r"throughput/step_time_s"]],
                    "data wait": ["Multiline", [r"throughput/data_wait_fraction"]]},
@@ -70,8 +76,9 @@ class Metrics:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         record = {"step": step, **{tag: _plain(value) for tag, value in scalars.items()}}
-        if "loss/train" in scalars:
-            record["loss"] = record["loss/train"]
+        loss = [tag for tag in scalars if tag in LOSS_TAGS]
+        if loss:  # under one name in both stages, for scripts that read either
+            record["loss"] = record[loss[0]]
         self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self.writer.flush()
 
@@ -118,6 +125,28 @@ def read_scalars(tb_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_layout(tb_dir: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
+    """The custom-scalars layout as the event files hold it: {category: {chart: [tag regexes]}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    if "custom_scalars__config__" not in acc.Tags()["tensors"]:
+        return {}
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+
+
+def tags_outside_layout(tb_dir: str | os.PathLike) -> list[str]:
+    """Scalar tags of a run that no chart of its layout shows (TensorBoard matches a chart's regexes
+    with a search, as `re.search` does)."""
+    import re
+
+    patterns = [p for charts in read_layout(tb_dir).values() for tags in charts.values() for p in tags]
+    return sorted(tag for tag in read_scalars(tb_dir) if not any(re.search(p, tag) for p in patterns))
 
 
 def memory_gib() -> dict[str, float]:

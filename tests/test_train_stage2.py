@@ -71,6 +71,12 @@ def test_every_rank_and_micro_step_uses_the_same_f_and_t(stage2_run):
     scalars = read_scalars(stage2_run / "tb")
     assert [(int(f), int(t)) for (_, f), (_, t) in zip(scalars["rl/f"], scalars["rl/t"])] == draws
     assert all(r["loss"] > 0 for r in metrics(stage2_run))
+    # Stage 2's objective has its own chart, and every tag it logs (rl/ included) is in the layout.
+    from gd_train.metrics import tags_outside_layout
+
+    assert [v for _, v in scalars["loss/stage2_rl"]] == pytest.approx([r["loss"] for r in metrics(stage2_run)], rel=1e-6)
+    assert not any(tag.startswith("loss/") and tag != "loss/stage2_rl" for tag in scalars)
+    assert tags_outside_layout(stage2_run / "tb") == []
 
 
 def test_only_adapters_and_the_cf_projection_change(stage1_run, stage2_run):

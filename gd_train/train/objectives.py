@@ -77,6 +77,7 @@ class NextChunkLoss(_Objective):
     warped by the student's flow shift so that training covers the levels few-step sampling visits."""
 
     stage = "stage1"
+    loss_tag = "loss/stage1_next_chunk"  # its own TensorBoard chart: not comparable with stage 2's loss
 
     def __init__(self, cfg: DictConfig, student: GreedyDistillStudent):
         super().__init__()
@@ -159,6 +160,7 @@ class RLFineTuneLoss(_Objective):
     """Eq. (10), DMD-style deterministic policy gradient with the SDD as its own critic."""
 
     stage = "stage2"
+    loss_tag = "loss/stage2_rl"
 
     def __init__(self, cfg: DictConfig, student: GreedyDistillStudent, negative_embeds: Optional[torch.Tensor]):
         super().__init__()

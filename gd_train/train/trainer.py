@@ -369,7 +369,7 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
         [interval.time_s, interval.data_wait_s, *memory_gib().values()], op="max")
     grad_norm = engine.get_global_grad_norm()
     scalars = {
-        "loss/train": interval.loss_sum / interval.steps,
+        objective.loss_tag: interval.loss_sum / interval.steps,
         "optimisation/lr": float(engine.get_lr()[0]),
         "optimisation/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "optimisation/skipped_micro_steps": float(state.skipped_micro_steps),
@@ -387,7 +387,7 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
         scalars.update({f"rl/{k}": v for k, v in objective.last_stats.items()})
     metrics.log(state.step, scalars)
     if metrics.enabled:
-        print(f"step {state.step}/{total_steps} loss {scalars['loss/train']:.6f} lr {scalars['optimisation/lr']:.3e} "
+        print(f"step {state.step}/{total_steps} loss {scalars[objective.loss_tag]:.6f} lr {scalars['optimisation/lr']:.3e} "
               f"grad_norm {scalars['optimisation/grad_norm']:.4f} {scalars['throughput/samples_per_s']:.2f} samples/s "
               f"data_wait {scalars['throughput/data_wait_fraction']:.2%}"
               + (f" f={draw.frame} t={draw.timestep}" if draw is not None else ""), flush=True)
