@@ -397,11 +397,17 @@ def check_world_size(folder: Path, manifest: Manifest, world_size: int) -> None:
 
 
 def export(folder: Path, out: Path) -> Path:
-    """Copy a checkpoint's PEFT exports to `out` (etm/, sdd/, cf_proj.safetensors)."""
+    """Copy a checkpoint's PEFT exports to `out` (etm/, sdd/, cf_proj.safetensors) and add to each
+    adapter folder its diffusers layout (`pytorch_lora_weights.safetensors`, see
+    `gd_train.model.diffusers_lora`), so that `WanPipeline.load_lora_weights(out / "sdd")` loads it."""
+    from gd_train.model.diffusers_lora import write_diffusers_lora
+
     source = folder / ADAPTERS_DIR
     if not source.is_dir():
         raise CheckpointError(f"checkpoint {folder}: no {ADAPTERS_DIR}/ folder")
     if out.exists():
         raise CheckpointError(f"export target {out}: already exists (choose another --out)")
     shutil.copytree(source, out)
+    for sub in sorted(p for p in out.iterdir() if (p / "adapter_config.json").is_file()):
+        write_diffusers_lora(sub)
     return out
