@@ -116,3 +116,26 @@ def test_checkpoint_folder_resolution_is_strict(zero3_run, tmp_path):
         resolve(run)
     proc = run_cli("ckpt", "export", str(run), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "lacks checkpoint.json" in proc.stderr
+
+
+def test_deepspeed_zero_to_fp32_safetensors_holds_each_trained_weight_once(zero3_run, tmp_path):
+    """DeepSpeed's own recovery script (copied into checkpoints/ by DeepSpeed) on the 2-rank ZeRO-3
+    checkpoint, with --safe_serialization: safetensors refuses shared tensors, so this fails if any
+    weight is recorded under two names."""
+    import subprocess
+    import sys
+
+    root = zero3_run / "checkpoints"
+    out = tmp_path / "fp32"
+    proc = subprocess.run([sys.executable, str(root / "zero_to_fp32.py"), str(root), str(out), "-t", "step-00000003",
+                           "--safe_serialization"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_file(str(out / "model.safetensors"))
+    adapters = root / "step-00000003" / "adapters"
+    expected = {f"student.cf_proj.{k}": v for k, v in load_file(str(adapters / "cf_proj.safetensors")).items()}
+    for name in ("etm", "sdd"):  # PEFT's file drops the adapter name from the key
+        for key, value in load_file(str(adapters / name / "adapter_model.safetensors")).items():
+            expected["student.peft." + key.replace(".weight", f".{name}.weight")] = value
+    assert sorted(weights) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(weights[key], value), key

@@ -60,7 +60,6 @@ class GreedyDistillStudent(nn.Module):
         lora = {name: cfg.student[f"{name}_lora"] for name in ADAPTERS}
         self.peft = get_peft_model(transformer, _lora_config(LoraConfig, lora["etm"]), adapter_name="etm")
         self.peft.add_adapter("sdd", _lora_config(LoraConfig, lora["sdd"]))
-        self.transformer = self.peft.base_model.model  # the diffusers module, LoRA layers injected
         for name, p in self.transformer.named_parameters():
             p.requires_grad_(".lora_" in name)
 
@@ -84,6 +83,13 @@ class GreedyDistillStudent(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Introspection
     # ------------------------------------------------------------------------------------------
+    @property
+    def transformer(self) -> nn.Module:
+        """The diffusers module inside `peft`, LoRA layers injected. A property, not an attribute: as a
+        registered submodule every weight would have a second name (`transformer.…` next to `peft.…`),
+        which DeepSpeed records as shared parameters and its `zero_to_fp32.py` then writes twice."""
+        return self.peft.base_model.model
+
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.patch_embedding.weight.dtype

@@ -50,10 +50,8 @@ class _Objective(nn.Module):
     trains — adapter weights and c_f."""
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The frozen base is rebuilt from the pretrained weights on load, and `student.transformer`
-        aliases the PEFT-wrapped model, so every weight would otherwise be saved a second time under that
-        name — base included, as DeepSpeed's `exclude_frozen_parameters` only knows each parameter's
-        first name (`student.peft...`)."""
+        """The frozen base is rebuilt from the pretrained weights on load, so it is left out (each
+        weight has one name: `student.transformer` is a property, not a second registration)."""
         full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
         kept = type(full)((k, v) for k, v in full.items() if _is_trained_weight(k[len(prefix):]))
         if destination is not None:
@@ -63,8 +61,6 @@ class _Objective(nn.Module):
 
 
 def _is_trained_weight(name: str) -> bool:
-    if name.startswith("student.transformer."):
-        return False
     return ".lora_" in name or name.startswith("student.cf_proj.")
 
 
