@@ -171,9 +171,9 @@ def garble(folder: Path, shard: int, samples: list[int]) -> None:
     manifest.save(folder)
 
 
-def assert_resumes_exactly(folder, batches, counters, **reader_kw):
-    """Stopping after any batch and resuming gives the same batches and the same counters."""
-    for stop_after in range(1, len(batches)):
+def assert_resumes_exactly(folder, batches, counters, stops=None, **reader_kw):
+    """Stopping after any batch (or those in `stops`) and resuming gives the same batches and counters."""
+    for stop_after in stops or range(1, len(batches)):
         first = make_reader(folder, **reader_kw)
         head = [b.keys for _, b in zip(range(stop_after), first.epoch(0))]
         resumed = make_reader(folder, **reader_kw)
@@ -278,3 +278,79 @@ def test_unreadable_manifest_falls_back_to_the_tars_and_an_unfinished_one_is_rep
         reader = make_reader(folder)
     assert "not a shard manifest" in caplog.text and "counting samples from the tar headers" in caplog.text
     assert reader.samples_per_epoch == 33 and reader.stats["corrupt_shards"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity (issue 11): verified against the manifest while reading, no extra pass over the data
+# --------------------------------------------------------------------------------------------------
+def flip_tensor_byte(folder: Path, shard: int, sample: int) -> str:
+    """Flip one byte of a sample's tensor data in place (same size: the manifest's size check passes,
+    and the sample still decodes). Returns its key."""
+    path = folder / SHARD_NAME.format(index=shard)
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".safetensors")][sample]
+    with open(path, "r+b") as fh:
+        fh.seek(member.offset_data + member.size - 3)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    return member.name.split(".")[0]
+
+
+def test_a_damaged_sample_is_dropped_alone_by_its_digest(shard_dir, caplog):
+    folder, keys = shard_dir
+    assert len(Manifest.load(folder).shards[SHARD_NAME.format(index=1)].sample_sha256) == 5
+    bad = flip_tensor_byte(folder, shard=1, sample=2)
+    reader = make_reader(folder, world_size=1, num_workers=2)
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        batches = epoch_keys(reader, 0)
+    seen = Counter(k for b in batches for k in b)
+    unseen = set(keys) - set(seen)  # the bad sample and the dropped tail: the rest of its shard is used
+    assert bad in unseen and len(unseen) == 1 + reader.stats["dropped_tail_samples"] == 2
+    assert reader.stats["corrupt_samples"] == reader.stats["repeated_samples"] == 1
+    damage = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(damage) == 1 and "differs from the manifest's digest" in damage[0]
+    window = next(i for i, b in enumerate(batches) if sample_key(1, 3) in b or sample_key(1, 4) in b)
+    assert_resumes_exactly(folder, batches, (1, 1), stops=[1, window, window + 1], world_size=1, num_workers=2)
+
+
+def test_a_manifest_without_sample_digests_verifies_whole_shards(shard_dir, caplog):
+    folder, keys = shard_dir
+    manifest = Manifest.load(folder)  # as written before per-sample digests existed
+    manifest.shards = {n: type(r)(r.samples, r.bytes, r.sha256, r.keys_sha256) for n, r in manifest.shards.items()}
+    manifest.save(folder)
+    assert '"sample_sha256": null' in (folder / "manifest.json").read_text()
+    flip_tensor_byte(folder, shard=1, sample=2)
+    reader = make_reader(folder, world_size=1, num_workers=2, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        batches = epoch_keys(reader, 0)
+    seen = {k for b in batches for k in b}
+    assert not {k for k in seen if k.startswith("s001-")}  # nothing of the shard leaves before its sha256 agrees
+    shard_1 = {sample_key(1, i) for i in range(5)}
+    tail_elsewhere = len(set(keys) - seen - shard_1)
+    assert tail_elsewhere <= reader.stats["dropped_tail_samples"] == 1  # all the rest (but the tail) is read
+    lines = [r.getMessage() for r in caplog.records if "differ from the manifest's sha256" in r.getMessage()]
+    assert len(lines) == 1 and "shard-000001.tar" in lines[0]  # one line per piece of the shard (here one)
+    assert reader.stats["corrupt_samples"] == 5 - (1 - tail_elsewhere) and reader.stats["broken_shards"] == 1
+
+
+def test_a_folder_that_disagrees_with_its_manifest_is_reported_per_shard(shard_dir, tmp_path, caplog):
+    folder, keys = shard_dir
+    (folder / SHARD_NAME.format(index=3)).unlink()
+    make_shards(tmp_path / "other", [4])
+    (tmp_path / "other" / SHARD_NAME.format(index=0)).rename(folder / SHARD_NAME.format(index=9))  # never recorded
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        reader = make_reader(folder)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert "shard-000003.tar: listed in manifest.json but missing from the folder" in lines[0]
+    assert "shard-000009.tar: not in" in lines[1] and "never recorded as finished" in lines[1]
+    assert reader.samples_per_epoch == 28 and reader.stats["skipped_shards"] == 2
+    with pytest.raises(ConfigError, match=r"data.on_damage': refuse, and data.shards has 2 damaged or missing"):
+        make_reader(folder, on_damage="refuse")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        make_reader(f"{folder}/shard-{{000000..000004}}.tar")  # a pattern naming a shard that is gone
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping shard: {folder}/shard-000003.tar: named by data.shards but missing"]
+    assert make_reader(folder, rank=1).stats["skipped_shards"] == 2  # counted on every rank, logged by rank 0
