@@ -17,10 +17,11 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from launch.rendezvous import NodePlan
+from launch.rendezvous import NodePlan, reachable
 
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # How long the agent waits for workers to checkpoint after a forwarded signal. SLURM's USR1 comes
@@ -54,7 +55,7 @@ def describe(plan: NodePlan, worker_argv: Sequence[str], shutdown_timeout_s: int
     env = worker_environment(plan)
     env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k not in os.environ)
     command = shlex.join(torchrun_argv(plan, worker_argv, shutdown_timeout_s))
-    return (f"node {plan.node_rank}/{plan.nnodes} ({plan.source}, master {plan.master_addr}:{plan.master_port or 'auto'}): "
+    return (f"node {plan.node_rank}/{plan.nnodes} ({plan.source}, master {plan.master_addr}:{plan.master_port or 'auto: a free port reserved at start'}): "
             f"{env_text + ' ' if env_text else ''}{command}")
 
 
@@ -79,6 +80,17 @@ def run_node(plan: NodePlan, worker_argv: Sequence[str], *, preempt_marker: Opti
     TORCH_EXTENSIONS_CACHE.mkdir(parents=True, exist_ok=True)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         prebuild_cpu_comm_op()
+    plan = reachable(plan)
+    block = None
+    if plan.source == "local":  # the rendezvous port: the one asked for, or a free one no other run holds
+        from launch.ports import PortError, reserve
+
+        try:
+            block = reserve(1, base=plan.master_port, purpose="the local torchrun rendezvous")
+        except PortError as exc:
+            print(f"launch: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        plan = replace(plan, master_port=block.base)
     args = get_args_parser().parse_args(torchrun_argv(plan, worker_argv, shutdown_timeout_s)[1:])
     started = time.time()
     try:
@@ -98,3 +110,6 @@ def run_node(plan: NodePlan, worker_argv: Sequence[str], *, preempt_marker: Opti
             return 0
         print(f"launch: {exc.sigval.name}: workers stopped without a pre-emption checkpoint", file=sys.stderr, flush=True)
         return 128 + int(exc.sigval)
+    finally:
+        if block is not None:
+            block.release()

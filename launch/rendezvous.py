@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import socket
+import subprocess
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 PORT_BASE, PORT_SPAN = 15000, 15000  # 15000-29999: below Linux's ephemeral range (32768+)
@@ -26,7 +28,7 @@ class NodePlan:
     node_rank: int
     nproc_per_node: int
     master_addr: str
-    master_port: Optional[int]  # None: a single local node picks a free port itself
+    master_port: Optional[int]  # None: a local node reserves a free one when it starts (launch.ports)
     source: str  # "slurm" | "local"
     job_id: Optional[str] = None
 
@@ -35,10 +37,11 @@ class NodePlan:
         return self.nnodes * self.nproc_per_node
 
     def torchrun_args(self) -> list[str]:
-        if self.source == "local":
-            return ["--standalone", "--nnodes=1", f"--nproc-per-node={self.nproc_per_node}"]
+        # Static rendezvous locally too (not --standalone, whose port cannot be chosen, nor c10d, whose
+        # workers meet on a second port torch picks): the agent's store on master_port is the workers'.
         return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--nproc-per-node={self.nproc_per_node}",
-                "--rdzv-backend=static", f"--master-addr={self.master_addr}", f"--master-port={self.master_port}"]
+                "--rdzv-backend=static", f"--master-addr={self.master_addr}",
+                f"--master-port={'auto' if self.master_port is None else self.master_port}"]
 
 
 def port_for_job(job_id: str | int) -> int:
@@ -101,6 +104,26 @@ def slurm_nodes(env: Mapping[str, str], nproc_per_node: int) -> list[NodePlan]:
                      master_port=port, source="slurm", job_id=env["SLURM_JOB_ID"]) for i in range(len(hosts))]
 
 
+def node_address(host: str) -> str:
+    """An address other nodes can reach `host` at: the name itself when it resolves (a real cluster),
+    else SLURM's NodeAddr for it (several slurmd on one machine: node names are not host names)."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except socket.gaierror:
+        pass
+    try:
+        shown = subprocess.run(["scontrol", "-o", "show", "node", host], capture_output=True, text=True,
+                               timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        shown = ""
+    match = re.search(r"\bNodeAddr=(\S+)", shown)
+    if not match:
+        raise RendezvousError(f"the allocation's first host {host!r} does not resolve, and `scontrol show node {host}` "
+                              f"gives no NodeAddr for it: the other nodes cannot reach the rendezvous")
+    return match.group(1)
+
+
 def this_slurm_node(env: Mapping[str, str], nproc_per_node: int) -> NodePlan:
     """This task's node (SLURM_NODEID, set by srun inside the task)."""
     nodes = slurm_nodes(env, nproc_per_node)
@@ -113,6 +136,13 @@ def this_slurm_node(env: Mapping[str, str], nproc_per_node: int) -> NodePlan:
     return nodes[int(node_id)]
 
 
-def local_node(nproc_per_node: int) -> NodePlan:
+def reachable(plan: NodePlan) -> NodePlan:
+    """The plan to launch with: its master at an address this node can connect to (`node_address`)."""
+    return replace(plan, master_addr=node_address(plan.master_addr))
+
+
+def local_node(nproc_per_node: int, rdzv_port: Optional[int] = None) -> NodePlan:
+    """One node on this machine; its rendezvous on `rdzv_port` (`gd-train --rdzv-port`), or on a free
+    port that `launch.local.run_node` reserves."""
     return NodePlan(nnodes=1, node_rank=0, nproc_per_node=nproc_per_node, master_addr="127.0.0.1",
-                    master_port=None, source="local")
+                    master_port=rdzv_port, source="local")

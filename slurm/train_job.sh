@@ -33,4 +33,11 @@ if [[ -f "$RUN_DIR/preempted.json" ]]; then
   scontrol requeue "$SLURM_JOB_ID"  # this shell is ended by the requeue
   exit 0
 fi
+if (( rc != 0 )); then
+  # A lost node (its launcher killed, its ranks gone) fails the others' next collective; srun
+  # (--kill-on-bad-exit) ends the rest of the step. No requeue here: a failure that repeats would loop.
+  last=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo none)
+  echo "[$(date -Is)] gd-train failed (exit $rc) without a pre-emption checkpoint; last complete checkpoint: $last;" \
+    "resubmit with RUN_DIR=$RUN_DIR to resume from it"
+fi
 exit "$rc"
