@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes per node (default: the node's GPUs, or 1 on CPU)")
         q.add_argument("--local", action="store_true", help="one local node even inside a SLURM allocation")
         q.add_argument("--dry-run", action="store_true", help="print each node's command and exit")
+        q.add_argument("--rdzv-port", "--master-port", type=int, default=None, dest="rdzv_port",
+                       help="local runs: the torchrun rendezvous port (default: a free port no other local run "
+                            "holds, from 10000-14999 or GD_TRAIN_PORT_RANGE=LO-HI); under SLURM it follows the job id")
         q.add_argument("--shutdown-timeout", type=int, default=None,
                        help="seconds workers get to checkpoint after a forwarded signal (default 110)")
         q.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (output_dir=..., train.max_steps=..., "
@@ -104,7 +107,9 @@ def _node_plans(args: argparse.Namespace):
         if mine is None and not args.dry_run:
             this_slurm_node(os.environ, nproc)  # raises: the launcher must run inside the tasks
         return mine, nodes
-    node = local_node(nproc)
+    if args.rdzv_port is not None and not 1024 <= args.rdzv_port <= 65535:
+        raise ConfigError(f"--rdzv-port: expected a port in 1024-65535, got {args.rdzv_port}")
+    node = local_node(nproc, rdzv_port=args.rdzv_port)
     return node, [node]
 
 

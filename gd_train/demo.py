@@ -10,6 +10,7 @@ did not finish is started again from a clean folder, together with every step af
 reuses what is done or starts clean, never a mix. `--clean` starts everything over.
 
     python -m gd_train.demo [--dir runs/demo] [--clean] [--stage1-steps 40] [--stage2-steps 8]
+                            [--ray-port-base N] [--dashboard-port N] [--rdzv-port N]
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ def _python(*args: str) -> list[str]:
 
 
 class Demo:
-    def __init__(self, root: Path, stage1_steps: int, stage2_steps: int, latent_frames: int, dashboard_port: int):
+    def __init__(self, root: Path, stage1_steps: int, stage2_steps: int, latent_frames: int,
+                 dashboard_port: Optional[int] = None, ray_port_base: Optional[int] = None,
+                 rdzv_port: Optional[int] = None):
         self.root = root.resolve()
         self.done_dir = self.root / ".done"
         self.stage1_steps, self.stage2_steps = stage1_steps, stage2_steps
         self.latent_frames = latent_frames
-        self.dashboard_port = dashboard_port
+        self.dashboard_port, self.ray_port_base, self.rdzv_port = dashboard_port, ray_port_base, rdzv_port
         self.shards = self.root / "data" / "shards"
         self.stage1 = self.root / "stage1"
         self.stage2 = self.root / "stage2"
@@ -101,7 +104,7 @@ class Demo:
     def generate_data(self) -> None:
         from launch.ray_head import LocalRayHead
 
-        head = LocalRayHead(num_cpus=2, dashboard_port=self.dashboard_port)
+        head = LocalRayHead(num_cpus=2, dashboard_port=self.dashboard_port, port_base=self.ray_port_base)
         print(f"starting a local Ray head (dashboard {head.dashboard}) ...", flush=True)
         head.start()
         try:
@@ -117,7 +120,8 @@ class Demo:
 
     def _train(self, stage: str, run_dir: Path, steps: int, extra: list[str]) -> None:
         # As many epochs as `steps` needs; a checkpoint half-way and at the end; one sample video at the end.
-        _run(_python("-m", "gd_train.cli", stage, "--config", f"configs/tiny/{stage}.yaml", "--nproc", "2",
+        ports = ["--rdzv-port", str(self.rdzv_port)] if self.rdzv_port is not None else []
+        _run(_python("-m", "gd_train.cli", stage, "--config", f"configs/tiny/{stage}.yaml", "--nproc", "2", *ports,
                      f"output_dir={run_dir}", f"data.shards={self.shards}", "train.epochs=1000",
                      f"train.max_steps={steps}", f"train.checkpoint_every={max(steps // 2, 1)}",
                      f"train.video_every={steps}", *extra))
@@ -164,13 +168,24 @@ def main(argv=None) -> int:
     p.add_argument("--stage1-steps", type=int, default=40)
     p.add_argument("--stage2-steps", type=int, default=8)
     p.add_argument("--latent-frames", type=int, default=12, help="length of the streamed video (latent frames)")
-    p.add_argument("--dashboard-port", type=int, default=int(os.environ.get("RAY_DASHBOARD_PORT", "8265")))
+    # Ports: by default every one is picked free and held for the run (launch/ports.py), so two demos
+    # run side by side; these pin them instead.
+    env_dashboard = os.environ.get("RAY_DASHBOARD_PORT")
+    p.add_argument("--dashboard-port", type=int, default=int(env_dashboard) if env_dashboard else None,
+                   help="the Ray dashboard / job API port (default: in the head's block; env RAY_DASHBOARD_PORT)")
+    from launch.ray_head import PORTS_PER_HEAD
+
+    p.add_argument("--ray-port-base", type=int, default=None,
+                   help=f"the Ray head uses exactly this port and the next {PORTS_PER_HEAD - 1} (default: a free block)")
+    p.add_argument("--rdzv-port", type=int, default=None, help="the training runs' torchrun rendezvous port "
+                                                                "(default: a free one)")
     args = p.parse_args(argv)
     root = Path(args.dir)
     if args.clean and root.exists():
         shutil.rmtree(root)
     try:
-        Demo(root, args.stage1_steps, args.stage2_steps, args.latent_frames, args.dashboard_port).run()
+        Demo(root, args.stage1_steps, args.stage2_steps, args.latent_frames, args.dashboard_port, args.ray_port_base,
+             args.rdzv_port).run()
     except DemoError as exc:
         print(f"\ndemo: error: {exc}\ndemo: rerun `make demo` to retry from that step (finished steps are kept)",
               file=sys.stderr)

@@ -1,8 +1,10 @@
 """A real Ray head on this machine, for the demo and the tests: started, used through `ray job
 submit`, and stopped by PID.
 
-`ray start --head --block` runs in its own session; every other port is chosen free, so parallel runs
-never clash. Stopping kills the head, then its process group, then every process still in its
+`ray start --head --block` runs in its own session. Every port it opens — the metrics ports Ray takes
+from the environment included — comes from one block reserved for it (`launch.ports`): a base port
+of the caller's choice, or a free block no other run of this project holds, so parallel heads never
+clash. Stopping kills the head, then its process group, then every process still in its
 session (Ray's workers leave the group but not the session). Never `ray stop`: it kills Ray processes
 by name, machine-wide (STACK_NOTES).
 """
@@ -20,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
+
+from launch.ports import PortError, reserve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,28 +74,47 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def _worker_port_range(taken: set[int], size: int = 200) -> tuple[int, int]:
-    """A range for Ray's worker processes below the kernel's ephemeral ports (32768+ on Linux), where
-    `free_ports` picks the others — so the two never overlap — and clear of `taken` all the same."""
-    base = 10000 + (os.getpid() * 97) % (32768 - 10000 - size)
-    while any(base <= p < base + size for p in taken):
-        base = 10000 + (base - 10000 + size) % (32768 - 10000 - size)
-    return base, base + size - 1
+# Every port a head opens, in the order of its block (ss -ltnp on a running head lists exactly these
+# plus the worker ports; tests/test_ports.py checks it): `ray start` flags, and the two metrics ports
+# Ray takes from the environment only (fixed at 44217 / 44227 otherwise: two heads would clash).
+NAMED_PORTS = ("gcs", "dashboard", "client", "node_manager", "object_manager", "agent_grpc", "agent_listen",
+               "metrics_export", "runtime_env_agent", "autoscaler_metric", "dashboard_metric")
+WORKER_PORTS = 100  # Ray's worker processes and drivers: one port each
+PORTS_PER_HEAD = len(NAMED_PORTS) + WORKER_PORTS
 
 
 class LocalRayHead:
-    def __init__(self, num_cpus: int = 2, dashboard_port: Optional[int] = None):
+    """`port_base`: the head uses exactly port_base .. port_base + PORTS_PER_HEAD - 1 (refused in one
+    line if any is taken); unset, a free block is reserved (`launch.ports`). `dashboard_port` moves
+    the dashboard (the job API) out of the block to that port."""
+
+    def __init__(self, num_cpus: int = 2, dashboard_port: Optional[int] = None, port_base: Optional[int] = None):
         self.num_cpus = num_cpus
+        try:
+            self.block = reserve(PORTS_PER_HEAD, base=port_base, purpose="a local Ray head")
+        except PortError as exc:
+            raise RayHeadError(str(exc)) from None
+        self.ports = dict(zip(NAMED_PORTS, self.block.ports))
+        if dashboard_port is not None:
+            self.ports["dashboard"] = dashboard_port
+        first_worker = self.block.base + len(NAMED_PORTS)
+        self.worker_ports = (first_worker, first_worker + WORKER_PORTS - 1)
         # Short: Ray puts Unix sockets under it (107-byte limit).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="gdray", dir="/tmp"))
-        ports = free_ports(9)
-        (self.gcs_port, self.dashboard_port, self.client_port, self.node_manager_port, self.object_manager_port,
-         self.agent_grpc_port, self.agent_listen_port, self.metrics_port, self.runtime_env_port) = ports
-        if dashboard_port is not None:
-            self.dashboard_port = dashboard_port
-        self.worker_ports = _worker_port_range(set(ports) | {self.dashboard_port})
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.temp_dir / "head.log"
+
+    @property
+    def dashboard_port(self) -> int:
+        return self.ports["dashboard"]
+
+    @property
+    def gcs_port(self) -> int:
+        return self.ports["gcs"]
+
+    def all_ports(self) -> set[int]:
+        """Every port this head may listen on."""
+        return set(self.ports.values()) | set(range(self.worker_ports[0], self.worker_ports[1] + 1))
 
     @property
     def dashboard(self) -> str:
@@ -99,33 +122,39 @@ class LocalRayHead:
 
     def command(self) -> list[str]:
         return ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", str(self.num_cpus),
-                "--num-gpus", "0", "--port", str(self.gcs_port),
+                "--num-gpus", "0", "--port", str(self.ports["gcs"]),
                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(self.client_port),
-                "--node-manager-port", str(self.node_manager_port),
-                "--object-manager-port", str(self.object_manager_port),
-                "--dashboard-agent-grpc-port", str(self.agent_grpc_port),
-                "--dashboard-agent-listen-port", str(self.agent_listen_port),
-                "--metrics-export-port", str(self.metrics_port),
-                "--runtime-env-agent-port", str(self.runtime_env_port),
+                "--dashboard-port", str(self.ports["dashboard"]), "--ray-client-server-port", str(self.ports["client"]),
+                "--node-manager-port", str(self.ports["node_manager"]),
+                "--object-manager-port", str(self.ports["object_manager"]),
+                "--dashboard-agent-grpc-port", str(self.ports["agent_grpc"]),
+                "--dashboard-agent-listen-port", str(self.ports["agent_listen"]),
+                "--metrics-export-port", str(self.ports["metrics_export"]),
+                "--runtime-env-agent-port", str(self.ports["runtime_env_agent"]),
                 "--min-worker-port", str(self.worker_ports[0]), "--max-worker-port", str(self.worker_ports[1]),
                 "--temp-dir", str(self.temp_dir)]
 
+    def environment(self) -> dict[str, str]:
+        """The head's environment: Ray reads these two ports from it only."""
+        return {**ray_env(), "AUTOSCALER_METRIC_PORT": str(self.ports["autoscaler_metric"]),
+                "DASHBOARD_METRIC_PORT": str(self.ports["dashboard_metric"])}
+
     def start(self, timeout_s: float = 90.0) -> "LocalRayHead":
         if port_in_use(self.dashboard_port):
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self._cleanup()
             raise RayHeadError(
                 f"port {self.dashboard_port} on 127.0.0.1 is taken (a Ray head already running?); stop that "
-                f"head, or pick another port (e.g. RAY_DASHBOARD_PORT={self.dashboard_port + 1})")
+                f"head, or pick another port (e.g. RAY_DASHBOARD_PORT={self.dashboard_port + 1}), or leave it unset")
         with open(self.log_path, "wb") as log:
             # start_new_session: setsid() in the child, so the head leads its own session and group.
-            self.proc = subprocess.Popen(self.command(), env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 code, self.proc = self.proc.returncode, None
                 tail = self.log_path.read_text(errors="replace")[-2000:].replace("\n", " | ")
+                self._cleanup()
                 raise RayHeadError(f"ray head exited with status {code}; its log ends: {tail}")
             try:
                 with urllib.request.urlopen(f"{self.dashboard}/api/jobs/", timeout=2) as response:
@@ -147,9 +176,13 @@ class LocalRayHead:
         return subprocess.run(self.submit_command(entrypoint, working_dir), env=ray_env(), capture_output=capture,
                               text=True, timeout=timeout_s, cwd=working_dir)
 
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.block.release()
+
     def stop(self) -> None:
         if self.proc is None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self._cleanup()
             return
         session = self.proc.pid
         # The head alone first: it shuts its children down in a few seconds (signalling the whole
@@ -178,7 +211,7 @@ class LocalRayHead:
             if not members:
                 break
         self.proc = None
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._cleanup()
 
     def __enter__(self) -> "LocalRayHead":
         return self.start()
