@@ -190,6 +190,10 @@ class DataConfig:
     # them out and reports each in one line; "refuse" stops before any rank starts. Damage met while
     # reading (verified against the manifest's digests) is always dropped, reported and counted.
     on_damage: str = "continue"
+    # An unreadable sample's slot is refilled by a repeat of a readable one (the default: no pass over the
+    # data at start). strict: one verifying pass at start, split over the ranks, and every epoch is
+    # planned from the readable samples only, so no sample is read twice (docs/data.md).
+    strict: bool = False
 
 
 @dataclass

@@ -354,3 +354,21 @@ def test_a_folder_that_disagrees_with_its_manifest_is_reported_per_shard(shard_d
     assert [r.getMessage() for r in caplog.records] == [
         f"skipping shard: {folder}/shard-000003.tar: named by data.shards but missing"]
     assert make_reader(folder, rank=1).stats["skipped_shards"] == 2  # counted on every rank, logged by rank 0
+
+
+def test_strict_mode_plans_from_the_readable_samples_only(shard_dir, caplog):
+    folder, keys = shard_dir
+    garble(folder, shard=1, samples=[2])  # decodes badly (the shard's digest agrees: only decoding fails)
+    bad = flip_tensor_byte(folder, shard=4, sample=0)  # the shard's bytes differ: no longer its sha256
+    kw = dict(world_size=1, num_workers=2, strict=True)
+    with caplog.at_level(logging.WARNING, logger="gd_train.data.reader"):
+        reader = make_reader(folder, **kw)
+    scan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("strict: ")]
+    assert len(scan) == 2 and sample_key(1, 2) in scan[0] and bad in scan[1], scan
+    assert reader.samples_per_epoch == 31 and reader.stats["excluded_samples"] == 2
+    batches = epoch_keys(reader, 0)
+    seen = Counter(k for b in batches for k in b)
+    assert len(batches) == 15 and set(seen.values()) == {1}  # 31 // 2 batches, no sample twice
+    assert not {sample_key(1, 2), bad} & set(seen)
+    assert reader.stats["repeated_samples"] == reader.stats["corrupt_samples"] == 0
+    assert_resumes_exactly(folder, batches, (0, 0), stops=[3, 8], **kw)

@@ -21,10 +21,15 @@ resuming replays the plan from the window that holds the next batch. WebDataset 
 
 `resampled=True` draws each worker's shards with replacement instead (same steps per epoch, no tail).
 
-Damage never stops training: a shard whose size disagrees with the manifest, or whose tar is cut short,
-is left out of the plan when the reader starts; a sample that cannot be decoded while reading (or a
-shard that ends early) is counted and its slot filled with another sample of the same window, so that
-batches stay full and step counts equal. Every event is logged once, on one line, and counted in `stats`.
+Damage never stops training (unless `data.on_damage=refuse`, for what is known at start): a shard
+missing from the folder, unrecorded in its manifest, of another size than the manifest says, or whose
+tar is cut short, is left out of the plan when the reader starts. Every sample is verified against the
+manifest's digests as its bytes stream through (`_SampleStream`: no second pass over the data); one
+that differs, cannot be decoded or is missing because its shard ends early is counted and its slot
+filled with another sample of the same window, so that batches stay full and step counts equal.
+Strict mode (`strict=True`) instead verifies everything once at start and plans from the readable
+samples only: no sample twice in an epoch. Every event is logged once, on one line, and counted in
+`stats`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -76,7 +81,9 @@ class Batch:
 @dataclass(frozen=True)
 class ShardInfo:
     path: str
-    samples: int
+    samples: int  # planned samples: those stored, less `excluded`
+    # Strict mode: stored indices found unreadable by the scan at start, left out of every plan.
+    excluded: frozenset[int] = frozenset()
     # What the manifest records, for verifying the bytes while they stream through the reader:
     sha256: Optional[str] = None  # the whole file (manifests without per-sample digests)
     sample_sha256: Optional[tuple[str, ...]] = None  # one `sample_digest` per sample, in stored order
@@ -151,6 +158,22 @@ def check_latent_shape(cfg, shards: Optional[Sequence[ShardInfo]] = None) -> Non
     if stored is not None and tuple(stored) != expected:
         raise ConfigError(f"key 'data.shards': {where} latents {tuple(stored)}, the config's video settings "
                           f"(video.num_frames, video.height, video.width) give {expected}")
+
+
+def scan_unreadable(shards: Sequence[ShardInfo], expected_latent_shape: Optional[tuple[int, ...]]
+                    ) -> dict[str, list[int]]:
+    """Strict mode's pass at start: the stored index of every sample of `shards` that does not verify
+    or decode (each damage logged once, on one line), by shard path."""
+    by_path = {s.path: s for s in shards}
+    found: dict[str, list[int]] = {}
+    for shard in shards:
+        stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, expected_latent_shape, by_path)
+        for index, item in enumerate(stream._items):
+            if isinstance(item, _Damage):
+                found.setdefault(shard.path, []).append(index)
+                if item.message:
+                    log.warning("strict: %s", item.message)
+    return found
 
 
 ON_DAMAGE = ("continue", "refuse")
@@ -452,11 +475,14 @@ class _SampleStream:
             with source:
                 samples = group_by_keys(tar_file_expander([{"url": piece.path, "stream": source}], handler=note,
                                                           eof_value=None), handler=note)
-                for raw in samples:
+                excluded = info.excluded if info is not None else frozenset()
+                for stored, raw in enumerate(samples):  # `index` counts planned samples, `stored` all of them
+                    if stored in excluded:
+                        continue
                     if index >= piece.stop:
                         break
                     if index >= piece.start:
-                        item = self._check(raw, index, digests)
+                        item = self._check(raw, stored, digests)
                         if whole_sha is None:
                             yield item
                         else:
@@ -542,7 +568,8 @@ class ShardReader:
 
     def __init__(self, shards: str, *, rank: int, world_size: int, micro_batch_size: int, num_workers: int,
                  seed: int, max_text_tokens: int, shuffle_buffer: int = 0, resampled: bool = False,
-                 expected_latent_shape: Optional[Sequence[int]] = None, on_damage: str = "continue"):
+                 expected_latent_shape: Optional[Sequence[int]] = None, on_damage: str = "continue",
+                 strict: bool = False, gather: Optional[Callable[[Any], list[Any]]] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if micro_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
@@ -560,6 +587,9 @@ class ShardReader:
         if rank == 0:  # the same on every rank: reported once
             for line in problems.values():
                 log.warning("skipping shard: %s", line)
+        self.excluded_samples = 0
+        if strict:
+            self.shards = self._exclude_unreadable(gather)
         self.samples_per_epoch = sum(s.samples for s in self.shards)
         if self.samples_per_epoch < world_size * micro_batch_size:
             raise ConfigError(
@@ -571,14 +601,33 @@ class ShardReader:
         self._skipped = sorted(problems)  # left out at start: the same on every rank
         self._counters = {"corrupt_samples": 0, "repeated_samples": 0}
 
+    def _exclude_unreadable(self, gather: Optional[Callable[[Any], list[Any]]]) -> list[ShardInfo]:
+        """Strict mode: scan the shards once (rank r the r-th share when `gather`, an all-gather over the
+        ranks, is given; all of them otherwise) and plan from the readable samples only."""
+        share = self.shards[self.rank::self.world_size] if gather else self.shards
+        found = scan_unreadable(share, self.expected_latent_shape)
+        if gather:
+            merged: dict[str, list[int]] = {}
+            for part in gather(found):
+                merged.update(part)
+            found = merged
+        self.excluded_samples = sum(len(v) for v in found.values())
+        out = []
+        for shard in self.shards:
+            bad = frozenset(found.get(shard.path, ()))
+            if len(bad) < shard.samples:
+                out.append(replace(shard, samples=shard.samples - len(bad), excluded=bad))
+        return out
+
     @classmethod
-    def from_config(cls, cfg, *, rank: int, world_size: int) -> "ShardReader":
+    def from_config(cls, cfg, *, rank: int, world_size: int,
+                    gather: Optional[Callable[[Any], list[Any]]] = None) -> "ShardReader":
         expected = latent_shape(cfg)
         check_latent_shape(cfg)
         return cls(cfg.data.shards, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
                    num_workers=cfg.data.num_workers, seed=cfg.seed, max_text_tokens=cfg.model.max_text_tokens,
                    shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                   expected_latent_shape=expected, on_damage=cfg.data.on_damage)
+                   expected_latent_shape=expected, on_damage=cfg.data.on_damage, strict=cfg.data.strict, gather=gather)
 
     # ----------------------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -655,7 +704,7 @@ class ShardReader:
     def stats(self) -> dict[str, int]:
         return {"shards": len(self.shards), "samples_per_epoch": self.samples_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch(), "corrupt_shards": len(self._corrupt_shards),
-                "skipped_shards": len(self._skipped), "broken_shards": len(self._corrupt_shards - set(self._skipped)),
+                "skipped_shards": len(self._skipped), "excluded_samples": self.excluded_samples, "broken_shards": len(self._corrupt_shards - set(self._skipped)),
                 "corrupt_samples": self._counters["corrupt_samples"],
                 "repeated_samples": self._counters["repeated_samples"],
                 "dropped_tail_samples": self.plan(self._epoch).dropped_tail, "epoch": self._epoch,

@@ -104,7 +104,8 @@ class Trainer:
         _prepare_run_dir(cfg, run_dir, resume, write=dist.is_main)
         distributed.barrier()
 
-        self.reader = ShardReader.from_config(cfg, rank=dist.rank, world_size=dist.world_size)
+        self.reader = ShardReader.from_config(cfg, rank=dist.rank, world_size=dist.world_size,
+                                              gather=distributed.all_gather_object)
         self.total_steps = self.plan.total_steps(self.reader.steps_per_epoch(), cfg.train.epochs, cfg.train.max_steps)
         if self.total_steps < 1:
             raise ConfigError(f"key 'data.shards': {self.reader.steps_per_epoch()} micro-batches per epoch x "
@@ -394,6 +395,7 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
 
 
 def _log_sample_video(metrics: Metrics, cfg: DictConfig, student: GreedyDistillStudent, batch: Batch, step: int) -> None:
+            "data/excluded_samples": float(stats["excluded_samples"]),  # strict mode's scan, whole data set
     """Stream a clip for the last batch's first prompt (Algorithm 1) and log it decoded by the VAE. Every
     rank generates; rank 0 logs. Outside the engine's forward ZeRO-3 does not gather parameters on
     access, so the whole student is gathered for it (the full weights: what ZeRO-2 holds all the time)."""
