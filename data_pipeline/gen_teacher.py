@@ -127,11 +127,13 @@ def check_free_disk(cfg, output_dir: Path, samples_to_write: int) -> None:
     probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
     free = shutil.disk_usage(probe).free
     if free < needed:
+        remedies = "free space or use another output_dir"
+        if cfg.datagen.storage_dtype != "bfloat16":  # only a remedy when the config does not already store bf16
+            remedies = "free space, use another output_dir, or store datagen.storage_dtype=bfloat16 (half the bytes)"
         raise ConfigError(
             f"output_dir '{output_dir}': {free / 2**30:.1f} GiB free, but {samples_to_write} samples need up to "
             f"{samples_to_write * estimated_sample_bytes(cfg) / 2**30:.1f} GiB plus datagen.min_free_disk_gb="
-            f"{cfg.datagen.min_free_disk_gb:g} GiB headroom; free space, use another output_dir, or store "
-            f"datagen.storage_dtype=bfloat16")
+            f"{cfg.datagen.min_free_disk_gb:g} GiB headroom; {remedies}")
 
 
 def check_datagen(cfg) -> None:

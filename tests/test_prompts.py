@@ -142,3 +142,32 @@ def test_the_test_csv_of_the_job_tests_reads_as_described(tmp_path):
 def test_the_bundled_demo_csv_reads_cleanly():
     prompts, report = read_prompts(REPO_ROOT / "assets" / "demo_prompts.csv", filters(dedupe_captions=True))
     assert len(prompts) == 36 and not report.bad_rows and not report.repaired_rows
+
+
+def test_plain_names_keep_their_stem_and_edge_names_still_get_a_digest():
+    # The fast path for ordinary names (e.g. 'abc_123.mp4') must agree with the general rule at its edges.
+    assert stable_key("x" * 64 + ".mp4", 1) == "x" * 64
+    assert stable_key("x" * 65 + ".mp4", 1).startswith("x" * 53 + "-")
+    for name in ("_abc.mp4", "abc_.mp4", "a..mp4", "a.b.mp4", " abc.mp4", "abc.toolongext"):
+        key = stable_key(name, 1)
+        assert KEY_RE.match(key) and key != name.rsplit(".", 1)[0], name
+    assert stable_key("a-b_c", 1) == "a-b_c" and stable_key("abc.toolongext", 1).startswith("abc_toolongext-")
+
+
+def test_control_characters_and_tabs_are_removed_from_ascii_and_unicode_captions(tmp_path):
+    path = csv_file(tmp_path, row("a.mp4", b"tab\there \x01bell\x07"), row("b.mp4", "ünï\x02code\tok".encode()))
+    prompts, _ = read_prompts(path, NO_FILTERS)
+    assert [p.caption for p in prompts] == ["tab here bell", "ünïcode ok"]
+
+
+@pytest.mark.parametrize("storage_dtype, hint", [("float32", True), ("bfloat16", False)])
+def test_the_disk_refusal_suggests_bfloat16_only_when_the_config_stores_float32(tmp_path, storage_dtype, hint):
+    from data_pipeline.gen_teacher import check_free_disk
+    from gd_train.config import ConfigError, load_config
+
+    cfg = load_config(REPO_ROOT / "configs" / "datagen.yaml", [f"datagen.storage_dtype={storage_dtype}",
+                                                               "datagen.min_free_disk_gb=1e9"])
+    with pytest.raises(ConfigError) as err:
+        check_free_disk(cfg, tmp_path, 36)
+    assert ("datagen.storage_dtype=bfloat16" in str(err.value)) is hint
+    assert "free space" in str(err.value) and "\n" not in str(err.value)
