@@ -186,6 +186,8 @@ class DataConfig:
     num_workers: int = 2  # dataloader workers per rank
     shuffle_buffer: int = 64
     resampled: bool = False  # True: sample shards with replacement, fixed steps per epoch on every rank
+    # Held-out shards for `train.eval_every` (never read for training; must differ from `shards`).
+    eval_shards: Optional[str] = None
     # Shards found damaged or missing at start (folder vs manifest.json, truncated tars): "continue" leaves
     # them out and reports each in one line; "refuse" stops before any rank starts. Damage met while
     # reading (verified against the manifest's digests) is always dropped, reported and counted.
@@ -226,6 +228,11 @@ class TrainConfig:
     teacher_guidance_scale: float = 5.0  # stage 2: CFG of the teacher score s_real (Wan's default)
     rl_score_level: str = "next"  # stage 2: where mu is re-noised for scoring: next | uniform
     trace: bool = False  # per-rank trace/rank-*.jsonl: sample keys, local loss, (f, t) per micro-step
+    # Periodic evaluation (gd_train/eval/evaluators.py), logged under eval/ in TensorBoard and metrics.jsonl:
+    eval_every: int = 0  # optimizer steps between evaluations (0: none); also once before the first step
+    eval_evaluator: str = "distance"  # distance (student-to-teacher latent MSE) | world (the toy world's metrics)
+    eval_samples: int = 8  # held-out samples scored: the first N of data.eval_shards
+    eval_frames: Optional[int] = None  # latent frames streamed per sample (None: the samples' own length)
 
 
 @dataclass
@@ -389,6 +396,24 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"key 'model.attention_backend': expected auto|sdpa|flex, got '{cfg.model.attention_backend}'")
     if cfg.pretrained_path is not None:
         check_pretrained_folder(cfg.pretrained_path, parts=("transformer",))
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: DictConfig) -> None:
+    t, d = cfg.train, cfg.data
+    if t.eval_every < 0:
+        raise ConfigError(f"key 'train.eval_every': expected >= 0 (0: no evaluation), got {t.eval_every}")
+    if t.eval_evaluator not in ("distance", "world"):
+        raise ConfigError(f"key 'train.eval_evaluator': expected distance|world, got '{t.eval_evaluator}'")
+    if t.eval_every and d.eval_shards is None:
+        raise ConfigError("key 'data.eval_shards': train.eval_every is set but no held-out shards are given "
+                          "(data.eval_shards=DIR, a folder of teacher shards not used for training)")
+    if d.eval_shards is not None and os.path.abspath(str(d.eval_shards)) == os.path.abspath(str(d.shards)):
+        raise ConfigError(f"key 'data.eval_shards': '{d.eval_shards}' is also data.shards; held-out samples must "
+                          "not be training data")
+    if t.eval_samples < 1 or (t.eval_frames is not None and t.eval_frames < 1):
+        raise ConfigError(f"key 'train.eval_samples'/'train.eval_frames': expected >= 1, got "
+                          f"{t.eval_samples}/{t.eval_frames}")
 
 
 def check_pretrained_folder(root: str | os.PathLike, parts: Sequence[str]) -> Path:

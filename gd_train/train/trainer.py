@@ -128,6 +128,11 @@ class Trainer:
         self.interval = _Interval()
         self.last_batch: Optional[Batch] = None
         self.saved_step = self.state.step
+        self.evaluation = None
+        if cfg.train.eval_every:  # held-out samples, read once (gd_train/eval/evaluators.py)
+            from gd_train.eval.evaluators import Evaluation
+
+            self.evaluation = Evaluation(cfg)
         self._say(f"{cfg.train.stage} on {dist.world_size} rank(s), {self.total_steps} steps of "
                   f"{self.plan.global_batch_size} samples ({self.plan.micro_batch_size} x "
                   f"{self.plan.accumulation_steps} accumulation x {dist.world_size} ranks), "
@@ -138,6 +143,8 @@ class Trainer:
     def run(self) -> None:
         state, plan = self.state, self.plan
         batches = _micro_batches(self.reader, self.cfg.train.epochs)
+        if self.evaluation is not None and state.step == 0:
+            self._evaluate(0)  # the untrained student, the reference every later evaluation is read against
         while state.step < self.total_steps:
             step = state.step + 1
             draw = self.objective.draw(step)  # stage 2: (f, t) from rank 0, the same for the whole minibatch
@@ -155,6 +162,8 @@ class Trainer:
                 self._log(draw)
             if self.cfg.train.video_every and step % self.cfg.train.video_every == 0:
                 _log_sample_video(self.metrics, self.cfg, self.student, self.last_batch, step)
+            if self.evaluation is not None and (step % self.cfg.train.eval_every == 0 or step == self.total_steps):
+                self._evaluate(step)
             stop_now = self.stop.agreed()  # SIGUSR1/SIGTERM on any rank: checkpoint this step, exit
             if step % self.cfg.train.checkpoint_every == 0 or stop_now or step == self.total_steps:
                 self._checkpoint("preempted" if stop_now else "final" if step == self.total_steps else "periodic")
@@ -202,6 +211,32 @@ class Trainer:
         _log_step(self.metrics, self.engine, self.objective, self.interval, self.state, draw, self.total_steps,
                   _data_scalars(self.reader))
         self.interval = _Interval()
+
+    def _evaluate(self, step: int) -> None:
+        """Score the held-out samples (every rank takes part; see gd_train/eval/evaluators.py) and log
+        eval/ scalars and the first sample's stream as a video."""
+        start = time.perf_counter()
+        loss_fn = None
+        if self.cfg.train.stage == "stage1":
+            def loss_fn(sample, text, seed):  # Eq. (6) on a held-out clip, with its own fixed noise
+                return float(self.objective(latents=sample.latents.float()[None], prompt_embeds=text, seed=seed))
+        negative = None
+        if self.cfg.student.guidance_scale != 1.0:
+            from safetensors.torch import load_file
+
+            negative = load_file(str(self.run_dir / NEGATIVE_EMBEDS_FILE))["negative_prompt_embeds"].to(self.dist.device)
+        was_training = self.student.training
+        self.student.eval()
+        with checkpoint.gathered(list(self.student.parameters())):
+            result = self.evaluation.run(self.student, loss_fn=loss_fn, negative_embeds=negative)
+        self.student.train(was_training)
+        self.metrics.log(step, {**result.scalars, "throughput/eval_seconds": time.perf_counter() - start})
+        if self.metrics.enabled and result.first_stream is not None:
+            frames = self.evaluation.evaluator.video(result.first_stream, self.cfg)
+            self.metrics.log_video("eval/sample", frames, step, fps=int(self.cfg.video.fps))
+            self.metrics.log_text("eval/sample_caption", result.first_caption, step)
+        self._say(f"eval at step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in result.scalars.items())
+                  + f" ({time.perf_counter() - start:.1f} s)")
 
     def _checkpoint(self, reason: str) -> None:
         _save(self.engine, self.student, self.run_dir, self.cfg, self.state, self.reader, self.fingerprint,
@@ -360,6 +395,7 @@ def _data_scalars(reader: ShardReader) -> dict[str, float]:
     summed = distributed.all_reduce([float(stats[k]) for k in ("corrupt_samples", "repeated_samples", "broken_shards")])
     return {"data/corrupt_samples": summed[0], "data/repeated_samples": summed[1], "data/broken_shards": summed[2],
             "data/skipped_shards": float(stats["skipped_shards"]),
+            "data/excluded_samples": float(stats["excluded_samples"]),  # strict mode's scan, whole data set
             "data/dropped_tail_samples": float(stats["dropped_tail_samples"])}
 
 
@@ -395,7 +431,6 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
 
 
 def _log_sample_video(metrics: Metrics, cfg: DictConfig, student: GreedyDistillStudent, batch: Batch, step: int) -> None:
-            "data/excluded_samples": float(stats["excluded_samples"]),  # strict mode's scan, whole data set
     """Stream a clip for the last batch's first prompt (Algorithm 1) and log it decoded by the VAE. Every
     rank generates; rank 0 logs. Outside the engine's forward ZeRO-3 does not gather parameters on
     access, so the whole student is gathered for it (the full weights: what ZeRO-2 holds all the time)."""
