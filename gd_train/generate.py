@@ -3,6 +3,9 @@
 One video:
     gd-generate --config configs/model/tiny.yaml --latent-frames 8 --seed 0 --out runs/gen/sample.safetensors \\
         --mp4 runs/gen/sample.mp4 [--prompt TEXT | --prompt-embeds FILE] [--adapters DIR] [--no-kv-cache] [KEY=VALUE ...]
+Image-to-video, and prompt switches by latent frame ("F:TEXT;F:TEXT" or a JSON file {"F": "TEXT"}):
+    gd-generate --image first.png --prompt-schedule "0:a snowy valley at dusk;40:the valley at night" \\
+        --latent-frames 80 --out runs/gen/valley.safetensors --mp4 runs/gen/valley.mp4
 A prompt list, named the way VBench's evaluation expects (`DIR/<prompt>-<index>.mp4`, index 0..K-1):
     gd-generate --config CFG --adapters DIR --prompt-file prompts.txt --vbench-dir videos/greedy_distill/ \\
         --samples-per-prompt 5 --latent-frames 21
@@ -11,6 +14,7 @@ A prompt list, named the way VBench's evaluation expects (`DIR/<prompt>-<index>.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ import torch
 
 from gd_train import vbench
 from gd_train.config import ConfigError, load_config, to_yaml
+from gd_train.pipeline import parse_prompt_schedule
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standard: whole-prompt names, a name too long for the file system is refused; "
                         "custom_input: such prompts get short names and <dir>/vbench_prompts.json maps names to prompts")
     p.add_argument("--samples-per-prompt", type=int, default=5, help="videos per prompt in --vbench-dir mode")
+    p.add_argument("--image", default=None, help="image-to-video: this image (PNG/JPEG) is x_0, the stream continues it")
+    p.add_argument("--prompt-schedule", default=None,
+                   help='prompt switches by latent frame: "0:a red fox;40:a blue bird" or a JSON file '
+                        '{"0": "a red fox", "40": "a blue bird"}; frame 0 defaults to --prompt')
     p.add_argument("--adapters", default=None, help="exported adapters folder (etm/, sdd/, cf_proj.safetensors)")
     p.add_argument("--steps", default=None, help="comma-separated step list (default: student.denoising_steps)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the history every chunk (slow; for checks)")
@@ -67,41 +76,32 @@ class StreamResult:
 
 
 class Generator:
-    """Everything loaded once (student, text encoder, VAE), then any number of videos."""
+    """The CLI's use of `GreedyDistillPipeline`: the same loaded parts, plus files, timing and progress."""
 
     def __init__(self, cfg, device: torch.device, adapters: Optional[str], kv_cache: bool,
                  steps: Optional[list[int]], need_text: bool, need_vae: bool):
-        from gd_train.infer.stream import StreamingGenerator, StreamSettings
-        from gd_train.model.backbone import PromptEncoder, load_vae
-        from gd_train.model.student import GreedyDistillStudent
+        from gd_train.pipeline import GreedyDistillPipeline
 
+        self.pipe = GreedyDistillPipeline(cfg, device=device, adapters=adapters, kv_cache=kv_cache, steps=steps,
+                                          text_encoder=need_text, vae=need_vae)
         self.cfg, self.device = cfg, device
-        self.student = GreedyDistillStudent.from_config(cfg, device=device)
-        if adapters:
-            self.student.load_adapters(adapters)
-        self.student.eval()
-        self.settings = StreamSettings.from_config(cfg, kv_cache=kv_cache, steps=steps)
-        self.stream = StreamingGenerator(self.student, self.settings)
-        self.encoder = PromptEncoder(cfg, device=device) if need_text else None
-        self.vae = load_vae(cfg).to(device) if need_vae else None
-        self.negative = None
-        if self.encoder is not None and self.settings.guidance_scale != 1.0:
-            self.negative = self.encoder.encode_padded([cfg.student.negative_prompt])
+        self.student, self.settings, self.vae = self.pipe.student, self.pipe.settings, self.pipe.vae
 
     def encode(self, prompt: str) -> torch.Tensor:
-        return self.encoder.encode_padded([prompt])
+        return self.pipe.encode_prompt(prompt)
 
     def run(self, prompt_embeds: torch.Tensor, n_frames: int, seed: int, mp4: Optional[Path],
-            negative: Optional[torch.Tensor] = None, progress: bool = True) -> StreamResult:
+            negative: Optional[torch.Tensor] = None, progress: bool = True,
+            first_frame: Optional[torch.Tensor] = None, schedule=None) -> StreamResult:
         from tqdm import tqdm
 
         from gd_train.media import Mp4Writer, StreamingDecoder
 
         writer = Mp4Writer(mp4, fps=self.cfg.video.fps) if mp4 is not None else None
         decoder = StreamingDecoder(self.vae) if mp4 is not None else None
-        negative = negative if negative is not None else self.negative
         frames, generate_s, decode_s, first_chunk_s = [], 0.0, 0.0, None
-        chunks = self.stream.stream(prompt_embeds.to(self.device), n_frames, seed, negative)
+        chunks = self.pipe.latent_stream(prompt_embeds, n_frames, seed, negative_embeds=negative,
+                                         first_frame=first_frame, schedule=schedule)
         tick = time.perf_counter()
         try:
             for frame in tqdm(chunks, total=n_frames, desc="chunks", unit="chunk", file=sys.stderr,
@@ -177,8 +177,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: expected a .safetensors file name")
 
     tensors = _read_prompt_embeds(args.prompt_embeds, cfg) if args.prompt_embeds else None
+    switches = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else {}
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file (expected a PNG/JPEG image)")
     gen = Generator(cfg, device, args.adapters, kv_cache=not args.no_kv_cache, steps=steps,
-                    need_text=args.prompt_embeds is None, need_vae=args.mp4 is not None)
+                    need_text=args.prompt_embeds is None or bool(switches),
+                    need_vae=args.mp4 is not None or args.image is not None)
     text_prompt = None
     negative = None
     if args.prompt_embeds:
@@ -194,13 +198,21 @@ def run(args: argparse.Namespace) -> int:
         text_prompt = args.prompt if args.prompt is not None else cfg.generate.prompt
         prompt_embeds = gen.encode(text_prompt)
 
-    result = gen.run(prompt_embeds, n_frames, seed, Path(args.mp4) if args.mp4 else None, negative=negative)
+    from gd_train.infer.stream import PromptSchedule
+
+    schedule = PromptSchedule()
+    for frame, text in switches.items():
+        schedule.switch(frame, gen.encode(text))
+    first_frame = gen.pipe.encode_image(args.image) if args.image else None
+    result = gen.run(prompt_embeds, n_frames, seed, Path(args.mp4) if args.mp4 else None, negative=negative,
+                     first_frame=first_frame, schedule=schedule)
     from safetensors.torch import save_file
 
     out = Path(args.out)
     meta = {"seed": str(seed), "latent_frames": str(n_frames), "kv_cache": str(not args.no_kv_cache),
             "flow_shift": str(cfg.student.flow_shift), "sigmas": ",".join(f"{s:.6f}" for s in gen.settings.sigmas),
-            "prompt": text_prompt or "", "adapters": args.adapters or "", "config": to_yaml(cfg)}
+            "prompt": text_prompt or "", "adapters": args.adapters or "", "config": to_yaml(cfg),
+            "prompt_schedule": json.dumps(switches), "image": args.image or ""}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"latents": result.latents.contiguous()}, str(out), metadata=meta)
     print(f"wrote {out} latents {tuple(result.latents.shape)}")

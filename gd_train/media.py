@@ -30,6 +30,38 @@ def decode_latents(vae, latents_bcfhw: torch.Tensor) -> np.ndarray:
     return _to_uint8(vae.decode(_denormalise(vae, latents_bcfhw), return_dict=False)[0])
 
 
+def read_image(path: str | Path, width: int, height: int) -> np.ndarray:
+    """An image file as (height, width, 3) uint8: centre-cropped to that aspect ratio, then resized."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {path}: no such file (expected a PNG/JPEG image)")
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"--image {path}: not a readable image ({exc})") from None
+    w, h = image.size
+    scale = min(w / width, h / height)
+    cw, ch = round(width * scale), round(height * scale)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    image = image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+@torch.no_grad()
+def encode_frame(vae, image_hw3: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> one normalised latent frame (1, z_dim, 1, h, w), the inverse of `decode_latents`'
+    normalisation: the mode of the VAE's posterior (as diffusers' Wan I2V pipeline encodes its image)."""
+    param = next(vae.parameters())
+    pixels = torch.from_numpy(image_hw3).to(param.device, param.dtype).permute(2, 0, 1)[None, :, None]
+    latents = vae.encode(pixels / 127.5 - 1.0).latent_dist.mode()
+    cfg = vae.config
+    mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=latents.dtype).view(1, cfg.z_dim, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, device=latents.device, dtype=latents.dtype).view(1, cfg.z_dim, 1, 1, 1)
+    return (latents - mean) / std
+
+
 class StreamingDecoder:
     """Decode latent frames one at a time, carrying the Wan VAE's causal feature cache between calls.
 

@@ -172,7 +172,8 @@ class KVCache:
         self.tokens_per_chunk = tokens_per_chunk
         self.slots = slots
         # The prompt's cross-attention keys/values per layer, computed on the stream's first pass: a
-        # cache belongs to one stream, one prompt batch and one adapter, so they never change.
+        # cache belongs to one stream, one prompt batch and one adapter, so they change only when the
+        # stream switches prompt (which clears them).
         self.text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def write(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
