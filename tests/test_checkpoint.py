@@ -112,10 +112,10 @@ def test_checkpoint_folder_resolution_is_strict(zero3_run, tmp_path):
         resolve(run / "checkpoints" / ".partial-step-00000005")
     (run / "checkpoints" / "step-00000004").mkdir()
     (run / "checkpoints" / "latest").write_text("step-00000004\n")
-    with pytest.raises(CheckpointError, match=r"lacks checkpoint.json \(incomplete\)"):
+    with pytest.raises(CheckpointError, match=r"step-00000004 is incomplete \(no checkpoint.json .*no earlier complete"):
         resolve(run)
     proc = run_cli("ckpt", "export", str(run), check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "lacks checkpoint.json" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no checkpoint.json" in proc.stderr
 
 
 def test_deepspeed_zero_to_fp32_safetensors_holds_each_trained_weight_once(zero3_run, tmp_path):
