@@ -17,7 +17,11 @@ What it guarantees:
 - a worker that dies mid-shard (Ray restarts it) or fails has the shard retried, at most
   `datagen.max_attempts` times, then reported; the exit status is 1 while any shard is unfinished;
 - progress lines (shards done/total, samples/s, ETA) while it runs, a summary at the end, and
-  `gen_teacher_report.json` (bad rows, failures) in `output_dir`.
+  `gen_teacher_report.json` (status, bad rows, failures) in `output_dir`;
+- SIGTERM (`ray job stop`) or SIGINT stops it cleanly: no new shards; in-flight ones finish within
+  `datagen.stop_wait_s` or are abandoned (their workers killed, their partial files removed); the
+  manifest lists exactly the finished shards, the report says "stopped", the exit status is 3, and
+  the same command again writes the rest.
 One job per output_dir at a time: it removes the `.partial` files dead attempts left behind.
 """
 
@@ -29,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -56,6 +61,7 @@ from gd_train.data.shards import PARTIAL_SUFFIX, Manifest, ShardFormatError, key
 
 REPORT_NAME = "gen_teacher_report.json"
 VISIBILITY_MARKER = ".gen_teacher_output_dir"
+EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 1, 2, 3
 
 
 def log(message: str) -> None:
@@ -142,6 +148,7 @@ def check_datagen(cfg) -> None:
                 (d.max_attempts >= 1, "datagen.max_attempts", ">= 1"),
                 (d.batch_size >= 1, "datagen.batch_size", ">= 1"),
                 (d.max_worker_restarts >= 0, "datagen.max_worker_restarts", ">= 0"),
+                (d.stop_wait_s >= 0, "datagen.stop_wait_s", ">= 0"),
                 (0.0 <= d.preview_fraction <= 1.0, "datagen.preview_fraction", "in [0, 1]"),
                 (d.storage_dtype in STORAGE_DTYPES, "datagen.storage_dtype", " | ".join(STORAGE_DTYPES))]
     for ok, key, expected in problems:
@@ -197,6 +204,33 @@ class Outcome:
     failed_attempts: list[Attempt] = field(default_factory=list)
     failed_shards: list[str] = field(default_factory=list)
     retired_workers: list[str] = field(default_factory=list)
+    abandoned_shards: list[str] = field(default_factory=list)  # in flight when a stop came, cut off
+    not_started: list[str] = field(default_factory=list)  # still queued when a stop came
+
+
+class StopRequest:
+    """SIGTERM (what `ray job stop` sends the driver, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S) and
+    SIGINT only set a flag; the driver's loop sees it within a second and winds down. A second signal
+    cuts the wait for in-flight shards short. Installed after `ray.init`, which sets its own SIGTERM
+    handler (`sys.exit`: no report, no manifest update for a shard just finished)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self.count = 0
+        self.at = 0.0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.signal is None:
+            self.signal, self.at = signal.Signals(signum).name, time.monotonic()
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
 
 class Progress:
@@ -230,7 +264,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardTask], progress: Progress) -> Outcome:
+def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardTask], progress: Progress,
+                stop: Optional[StopRequest] = None) -> Outcome:
     """Hand the shards to Ray actors (one teacher each) until every shard is written or has failed
     `max_attempts` times. The driver owns retries: Ray restarts a dead actor (`max_worker_restarts`)
     but never re-runs a task by itself (`max_task_retries=0`), so attempts are counted here."""
@@ -256,11 +291,16 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
     idle: list[int] = []
     alive = set(range(workers))
 
+    stop = stop or StopRequest()
+    stopping = False
+
     def fail_attempt(task: ShardTask, attempt: int, error: str) -> None:
         outcome.failed_attempts.append(Attempt(task.name, attempt, error))
         for leftover in output_dir.glob(f"{task.name}.attempt{attempt}-*{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # what a dead attempt wrote (hundreds of MB at 480p)
-        if attempt < d.max_attempts:
+        if stopping:
+            outcome.abandoned_shards.append(task.name)
+        elif attempt < d.max_attempts:
             progress.retried += 1
             log(f"{task.name} attempt {attempt}/{d.max_attempts} failed ({error}); retrying")
             queue.appendleft(task)
@@ -275,14 +315,37 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
         log(f"worker {index} retired: {why}")
         ray.kill(actors[index], no_restart=True)
 
+    def record(result: ShardResult, task: ShardTask, attempt: int) -> None:
+        planned = keys_digest(p.key for p in task.prompts)
+        if result.record.keys_sha256 != planned or result.record.samples != len(task.prompts):
+            # Never expected; checked because the manifest is what "exactly once" rests on.
+            (output_dir / task.name).unlink(missing_ok=True)
+            fail_attempt(task, attempt, f"wrote {result.record.samples} samples / other keys than planned")
+            return
+        manifest.shards[result.name] = result.record
+        manifest.save(output_dir)
+        outcome.written.append(result)
+        progress.done_shards += 1
+        progress.done_samples += result.record.samples
+        progress.new_samples += result.record.samples
+        progress.maybe_print(force=progress.done_shards == progress.total_shards)
+
+    # Short waits, so that a stop signal is seen within a second (Ray's wait does not return on one).
+    poll_s = min(d.progress_every_s, 0.5)
     while (queue or running) and (alive or running):
-        while idle and queue:
+        if stop.requested and not stopping:
+            stopping = True
+            log(f"{stop.signal}: stopping: no new shards; {len(running)} in flight "
+                + (f"may finish within datagen.stop_wait_s={d.stop_wait_s:g} s" if d.stop_wait_s > 0 else "are abandoned"))
+        if stopping and (not running or stop.count > 1 or time.monotonic() >= stop.at + d.stop_wait_s):
+            break
+        while idle and queue and not stopping:
             index, task = idle.pop(), queue.popleft()
             attempts[task.name] = attempts.get(task.name, 0) + 1
             running[actors[index].generate_shard.remote(task, attempts[task.name])] = (index, task, attempts[task.name])
-        pending = list(running) + list(waiting_ready)
-        done, _ = ray.wait(pending, num_returns=1, timeout=d.progress_every_s)
-        progress.maybe_print(force=not done)
+        pending = list(running) + ([] if stopping else list(waiting_ready))
+        done, _ = ray.wait(pending, num_returns=1, timeout=poll_s)
+        progress.maybe_print()
         for ref in done:
             if ref in waiting_ready:
                 index = waiting_ready.pop(ref)
@@ -310,21 +373,15 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
                 idle.append(index)
                 continue
             idle.append(index)
-            planned = keys_digest(p.key for p in task.prompts)
-            if result.record.keys_sha256 != planned or result.record.samples != len(task.prompts):
-                # Never expected; checked because the manifest is what "exactly once" rests on.
-                (output_dir / task.name).unlink(missing_ok=True)
-                fail_attempt(task, attempt, f"wrote {result.record.samples} samples / other keys than planned")
-                continue
-            manifest.shards[result.name] = result.record
-            manifest.save(output_dir)
-            outcome.written.append(result)
-            progress.done_shards += 1
-            progress.done_samples += result.record.samples
-            progress.new_samples += result.record.samples
-            progress.maybe_print(force=progress.done_shards == progress.total_shards)
+            record(result, task, attempt)
         if not alive and not running:
             break
+    if stopping:
+        abandon(ray, actors, running, record, output_dir, manifest)
+        outcome.abandoned_shards += [task.name for _, task, _ in running.values()]
+        outcome.abandoned_shards = sorted(set(outcome.abandoned_shards) - set(manifest.shards))
+        outcome.not_started = [task.name for task in queue]
+        queue.clear()
     for task in queue:  # no worker left to run them
         outcome.failed_shards.append(task.name)
         outcome.failed_attempts.append(Attempt(task.name, attempts.get(task.name, 0), "no worker left"))
@@ -332,6 +389,28 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
     for leftover in output_dir.glob(f"*{PARTIAL_SUFFIX}"):  # no attempt runs any more
         leftover.unlink(missing_ok=True)
     return outcome
+
+
+def abandon(ray, actors, running: dict, record, output_dir: Path, manifest: Manifest) -> None:
+    """End the attempts still running when a stop came, so that no worker renames a shard after the
+    driver is gone: kill the workers and wait until Ray reports each attempt over. An attempt that
+    finished in the meantime is recorded; a shard file no attempt can vouch for is removed (a rerun
+    writes it again), so the folder's shards are exactly the manifest's."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    refs = list(running)
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0) if refs else ([], [])
+    for ref in done:
+        _, task, attempt = running.pop(ref)
+        try:
+            record(ray.get(ref), task, attempt)
+        except (RayActorError, RayTaskError):
+            running[ref] = (None, task, attempt)
+    for _, task, _ in running.values():
+        if task.name not in manifest.shards:
+            (output_dir / task.name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,10 +461,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{already} already finished, {len(todo)} to write into {output_dir}")
     progress = Progress(len(tasks), already, total_samples, manifest.total_samples, cfg.datagen.progress_every_s)
     outcome = Outcome()
+    stop = StopRequest()
     if todo:
         log(connect_ray())
-        outcome = run_workers(cfg, output_dir, manifest, todo, progress)
+        stop.install()
+        outcome = run_workers(cfg, output_dir, manifest, todo, progress, stop)
+    complete = not outcome.failed_shards and len(manifest.shards) == len(tasks)
+    status = "complete" if complete else "stopped" if stop.requested else "failed"
     report = {
+        "status": status,
+        "stop": ({"signal": stop.signal, "abandoned": outcome.abandoned_shards, "not_started": len(outcome.not_started)}
+                 if stop.requested else None),
         "prompts": prompt_report.to_json(),
         "shards": {"planned": len(tasks), "already_done": already, "written": len(outcome.written),
                    "failed": outcome.failed_shards, "finished": len(manifest.shards)},
@@ -398,7 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
     print_summary(report, prompt_report, output_dir)
-    return 1 if outcome.failed_shards or len(manifest.shards) != len(tasks) else 0
+    return 0 if complete else EXIT_STOPPED if stop.requested else EXIT_FAILED
 
 
 def print_summary(report: dict[str, Any], prompt_report: PromptReport, output_dir: Path) -> None:
@@ -415,6 +501,13 @@ def print_summary(report: dict[str, Any], prompt_report: PromptReport, output_di
         log(f"  retired {worker}")
     log(f"  time {report['seconds']:.1f} s, {report['samples_per_s']:.2f} samples/s, {report['previews']} preview(s); "
         f"report: {output_dir / REPORT_NAME}")
+    if report["status"] == "stopped":
+        abandoned = report["stop"]["abandoned"]
+        log(f"stopped by {report['stop']['signal']}: {s['finished']}/{s['planned']} shard(s) finished and in the "
+            f"manifest; {len(abandoned)} in flight abandoned{' (' + ', '.join(abandoned) + ')' if abandoned else ''}, "
+            f"{report['stop']['not_started']} not started; rerun the same command to write the rest")
+    else:
+        log(f"status: {report['status']}")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,9 @@ class DatagenConfig:
     preview_fraction: float = 0.0  # fraction of samples that also get a preview mp4 (chosen by key)
     progress_every_s: float = 30.0  # at most this long between progress lines
     min_free_disk_gb: float = 1.0  # headroom left free after the planned shards (checked at start)
+    # On SIGTERM / SIGINT (`ray job stop`): how long in-flight shards may still finish before they are
+    # abandoned. Keep it below the SIGKILL deadline: Ray's RAY_JOB_STOP_WAIT_TIME_S (3 s by default).
+    stop_wait_s: float = 0.0
     # Testing: the worker process exits abruptly after writing the first sample of this shard, on the
     # shard's first attempt only (a worker death mid-shard, for the retry path).
     fault_kill_shard: Optional[int] = None

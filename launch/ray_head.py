@@ -166,9 +166,11 @@ class LocalRayHead:
         self.stop()
         raise RayHeadError(f"ray head: job API not up on {self.dashboard} after {timeout_s:.0f} s")
 
-    def submit_command(self, entrypoint: Sequence[str], working_dir: Path = REPO_ROOT) -> list[str]:
-        return ["ray", "job", "submit", "--address", self.dashboard, "--working-dir", str(working_dir), "--",
-                *entrypoint]
+    def submit_command(self, entrypoint: Sequence[str], working_dir: Path = REPO_ROOT,
+                       options: Sequence[str] = ()) -> list[str]:
+        """`options`: more `ray job submit` flags (`--submission-id ID`, `--runtime-env-json ...`)."""
+        return ["ray", "job", "submit", "--address", self.dashboard, "--working-dir", str(working_dir), *options,
+                "--", *entrypoint]
 
     def submit(self, entrypoint: Sequence[str], timeout_s: float = 300.0, capture: bool = True,
                working_dir: Path = REPO_ROOT) -> subprocess.CompletedProcess:
