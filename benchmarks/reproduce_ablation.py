@@ -250,7 +250,7 @@ def plot(results: dict, path: Path) -> None:
     for i, (name, c) in enumerate(curves.items()):
         pts = [(pad + f / max(1, n - 1) * (W - 1.5 * pad), H - pad - v / top * (H - 1.5 * pad)) for f, v in enumerate(c)]
         d.line(pts, fill=colours[i % len(colours)], width=2)
-        d.text((pad, H + 5 + 30 * i), f"— {name}", fill=colours[i % len(colours)])
+        d.text((pad, H + 5 + 30 * i), f"-- {name}", fill=colours[i % len(colours)])
     img.save(path)
 
 
