@@ -2,6 +2,7 @@
 throughput vs what a training step consumes, and the shard bytes per sample at the real 1.3B config.
 
     python benchmarks/bench_data.py [--prompts 48] [--real-samples 24] [--keep DIR]
+    python benchmarks/bench_data.py --integrity-only [--real-samples 24]   # only the verification cost
 
 Everything runs for real: gen_teacher.py as a subprocess that starts its own local Ray, the reader
 with DataLoader worker processes, a tiny stage-1 forward+backward, `write_shard` on full-size tensors.
@@ -10,6 +11,7 @@ with DataLoader worker processes, a tiny stage-1 forward+backward, `write_shard`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -112,16 +114,68 @@ def real_size_shard(folder: Path, samples: int, tokens: int, dtype: torch.dtype)
     return record.bytes // samples, str(folder)
 
 
+def integrity_cost(shard_folder: str, root: Path, epochs: int = 3) -> list[tuple[str, float, float, int]]:
+    """The reader on the same full-size shard three ways: per-sample digests (what write_shard records
+    now), the whole file's sha256 only (older manifests), no manifest (nothing to verify against)."""
+    name = SHARD_NAME.format(index=0)
+    manifest = Manifest.load(shard_folder)
+    rows = []
+    for label, keep in (("no manifest: no verification", None), ("whole-file sha256 (older manifests)", "file"),
+                        ("per-sample digests (default)", "sample")):
+        folder = root / f"integrity_{keep}"
+        folder.mkdir(exist_ok=True)
+        if not (folder / name).exists():
+            os.link(Path(shard_folder) / name, folder / name)  # same bytes, same page cache
+        if keep is not None:
+            record = manifest.shards[name]
+            if keep == "file":
+                record = type(record)(record.samples, record.bytes, record.sha256, record.keys_sha256)
+            Manifest(settings=manifest.settings, total_shards=1, shards={name: record}).save(folder)
+        median, best, samples = reader_throughput(str(folder), micro_batch_size=1, num_workers=2,
+                                                  max_text_tokens=512, epochs=epochs)
+        rows.append((label, median, best, samples))
+    return rows
+
+
+def print_integrity(rows: list[tuple[str, float, float, int]], mb: float) -> None:
+    base = rows[0][2]
+    print(f"\n## Integrity check cost: reader on full-size 480p bf16 samples ({mb:.2f} MB each, page-cached, "
+          f"2 DataLoader workers, micro-batch 1, {rows[0][3]} samples; median / best of 3 epochs)")
+    print("| verification | samples/s median | samples/s best | best vs none |")
+    print("|---|---|---|---|")
+    for label, median, best, _ in rows:
+        print(f"| {label} | {median:.1f} ({median * mb:.0f} MB/s) | {best:.1f} ({best * mb:.0f} MB/s) | "
+              f"{best / base:.2f} |")
+    payload = os.urandom(int(mb * 1e6))
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        hashlib.sha256(payload).digest()
+        times.append(time.perf_counter() - start)
+    print(f"\nsha256 of one sample's bytes on one core: best {min(times) * 1e3:.1f} ms ({mb / min(times):.0f} MB/s), "
+          f"median {statistics.median(times) * 1e3:.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=160)
     parser.add_argument("--real-samples", type=int, default=24)
     parser.add_argument("--keep", type=Path, default=None, help="keep the shards here instead of a temp dir")
+    parser.add_argument("--integrity-only", action="store_true", help="only the verification-cost table")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_data_"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"# bench_data.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {os.cpu_count()} CPU(s)  "
           f"torch {torch.__version__}  load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    if args.integrity_only:
+        folder = root / "real_bfloat16_512"
+        folder.mkdir(exist_ok=True)
+        per_sample, shards = real_size_shard(folder, args.real_samples, REAL_TEXT[0], torch.bfloat16)
+        print_integrity(integrity_cost(shards, root), per_sample / 1e6)
+        print(f"\nload average at end: {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+        return
 
     csv = root / "prompts.csv"
     write_csv(csv, args.prompts)
@@ -159,6 +213,8 @@ def main() -> None:
     print(f"| reader, full-size 480p bf16 samples, 512 tokens (micro-batch 1, {real_reader[2]} samples, "
           f"{real_mb:.2f} MB each, page-cached) | {real_reader[0]:.1f} ({real_reader[0] * real_mb:.0f} MB/s) | "
           f"{real_reader[1]:.1f} ({real_reader[1] * real_mb:.0f} MB/s) |")
+
+    print_integrity(integrity_cost(real_rows[0][3], root), real_mb)
 
     print("\n## Shard bytes per sample at the real 1.3B config (latents 16x21x60x104; embeddings tokens x 4096)")
     print("| stored dtype | prompt tokens | bytes/sample (tar, incl. headers + json) | MiB | raw tensor bytes |")
