@@ -78,7 +78,8 @@ class Experiment:
 
         from gd_train.eval.toy_teacher import TeacherBudget
 
-        return ensure_teacher(Path(self.args.cache), TeacherBudget())
+        return ensure_teacher(Path(self.args.cache), TeacherBudget(**({"steps": self.args.teacher_steps}
+                                                                       if self.args.teacher_steps else {})))
 
     def data(self, teacher: Path) -> None:
         from gd_train.eval.world_shards import write_prompts_csv
@@ -95,7 +96,8 @@ class Experiment:
                 command = head.submit_command(["python", "data_pipeline/gen_teacher.py", "--config",
                                                "configs/toy/datagen.yaml", f"pretrained_path={teacher}",
                                                f"prompts_csv={self.out / 'prompts' / (csv + '.csv')}",
-                                               f"output_dir={self.out / 'data' / folder}", *extra])
+                                               f"output_dir={self.out / 'data' / folder}", *extra,
+                                               *self.args.datagen_overrides])
                 print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
                 if subprocess.run(command, cwd=REPO_ROOT, env=run_env).returncode != 0:
                     raise SystemExit("reproduce: the data job failed")
@@ -106,7 +108,8 @@ class Experiment:
     def train(self, teacher: Path, seed: int, row: str) -> None:
         run_dir = self.out / f"seed{seed}" / row
         common = [f"pretrained_path={teacher}", f"seed={seed}", f"output_dir={run_dir}",
-                  f"data.shards={self.out / 'data' / 'shards'}", f"data.eval_shards={self.out / 'data' / 'heldout'}"]
+                  f"data.shards={self.out / 'data' / 'shards'}", f"data.eval_shards={self.out / 'data' / 'heldout'}",
+                  *self.args.train_overrides]
         if row in ("stage1", "stage1_noetm"):
             extra = ["student.etm_window=0"] if row == "stage1_noetm" else []
             run([sys.executable, "-m", "gd_train.cli", "stage1", "--config", "configs/toy/stage1.yaml", "--nproc", "2",
@@ -170,7 +173,8 @@ class Experiment:
         start = time.monotonic()
         teacher = self.teacher()
         self.step("teacher data (Ray job)", lambda: self.data(teacher))
-        results = {"command": " ".join(sys.argv), "reduced": self.args.reduced, "seeds": self.args.seeds,
+        smoke = bool(self.args.teacher_steps or self.args.datagen_overrides or self.args.train_overrides)
+        results = {"command": " ".join(sys.argv), "reduced": self.args.reduced, "smoke": smoke, "seeds": self.args.seeds,
                    "heldout": self.args.heldout, "train_prompts": self.args.train_prompts, "rows": {}}
         results_path = self.out / "results.json"
         if results_path.is_file():
@@ -225,7 +229,8 @@ def table(results: dict, multiples: list[int]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     note = (f"\nMean ± std over seeds {results['seeds']} of the per-seed mean over {results['heldout']} held-out "
             f"prompts; position errors in latent px (grid 8 x 12), mean over frames 1..L-1."
-            + (" REDUCED RUN." if results["reduced"] else "") + f"\nCommand: `{results['command']}`\n")
+            + (" REDUCED RUN." if results["reduced"] else "")
+            + (" SMOKE RUN (changed budgets: not results)." if results.get("smoke") else "") + f"\nCommand: `{results['command']}`\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -263,6 +268,10 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--length-multiples", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--reduced", action="store_true", help="one seed, 64 training prompts, 8 held-out (labelled)")
+    # For checking the driver itself (a smoke run, not results): a shorter teacher and extra overrides.
+    p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--datagen-overrides", nargs="*", default=[])
+    p.add_argument("--train-overrides", nargs="*", default=[])
     args = p.parse_args(argv)
     if args.reduced:
         args.seeds, args.train_prompts, args.heldout = args.seeds[:1], 64, 8
