@@ -153,7 +153,7 @@ class Demo:
         print(f"""  teacher shards      {rel(self.shards)}/ (manifest.json, gen_teacher_report.json)
   stage-1 run         {rel(self.stage1)}/ (checkpoints/latest, tb/, metrics.jsonl, config.yaml)
   stage-2 run         {rel(self.stage2)}/
-  exported adapters   {rel(self.adapters)}/ (etm/, sdd/: PEFT safetensors; cf_proj.safetensors)
+  exported adapters   {rel(self.adapters)}/ (etm/, sdd/: PEFT and diffusers LoRA safetensors; cf_proj.safetensors)
   video               {rel(self.video)} ({rel(self.latents)} holds the latents)
 
   TensorBoard:  {rel(Path(sys.executable).parent / 'tensorboard')} --logdir {rel(self.root)} --host 127.0.0.1 --port 6006
