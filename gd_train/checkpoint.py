@@ -151,7 +151,8 @@ def resolve(path: str | os.PathLike, warn: Optional[Callable[[str], None]] = Non
             raise CheckpointError(f"run folder {path}: no complete checkpoint yet ({CHECKPOINTS}/{LATEST} is missing)")
         folder = checkpoints_dir(path) / tag
         if not folder.is_dir():
-            raise CheckpointError(f"run folder {path}: {CHECKPOINTS}/{LATEST} names '{tag}', but {folder} does not exist")
+            raise CheckpointError(f"run folder {path}: {CHECKPOINTS}/{LATEST} names '{tag}', but {folder} "
+                                  f"does not exist")
         _, problems = _complete(folder)
         if not problems:
             return folder

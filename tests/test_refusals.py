@@ -39,7 +39,8 @@ def test_init_from_adapters_of_another_rank_is_refused_before_any_rank(shards, t
 
     lora = load_config(TINY_STAGE2).student.etm_lora
     for name in ("etm", "sdd"):  # adapter configs as PEFT writes them, of the tiny config's rank 4
-        LoraConfig(r=4, lora_alpha=4, target_modules=list(lora.target_modules)).save_pretrained(str(tmp_path / "a" / name))
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=list(lora.target_modules))
+        config.save_pretrained(str(tmp_path / "a" / name))
     line = _refused(capsys, "stage2", "--config", TINY_STAGE2, "--nproc", "2", f"output_dir={tmp_path / 'run'}",
                     f"data.shards={shards}", f"train.init_from={tmp_path / 'a'}", "student.etm_lora.rank=8")
     assert "etm has rank 4" in line and "the config asks rank 8" in line and "student.etm_lora" in line

@@ -704,7 +704,8 @@ class ShardReader:
     def stats(self) -> dict[str, int]:
         return {"shards": len(self.shards), "samples_per_epoch": self.samples_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch(), "corrupt_shards": len(self._corrupt_shards),
-                "skipped_shards": len(self._skipped), "excluded_samples": self.excluded_samples, "broken_shards": len(self._corrupt_shards - set(self._skipped)),
+                "skipped_shards": len(self._skipped), "excluded_samples": self.excluded_samples,
+                "broken_shards": len(self._corrupt_shards - set(self._skipped)),
                 "corrupt_samples": self._counters["corrupt_samples"],
                 "repeated_samples": self._counters["repeated_samples"],
                 "dropped_tail_samples": self.plan(self._epoch).dropped_tail, "epoch": self._epoch,
