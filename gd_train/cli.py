@@ -9,7 +9,9 @@
 
 Everything that can be refused is refused here, in one line, before a process starts: the config,
 the batch arithmetic for this launch's world size, the run folder's state, the checkpoint to resume
-(present, complete, same world size). Then every node hands over to `launch.local`: locally one node
+(present, complete — an incomplete latest falls back to the newest complete one, with a warning —
+same world size), `train.init_from` adapters of another LoRA rank, the shards (present, damaged ones
+under `data.on_damage=refuse`, latents of the config's shape). Then every node hands over to `launch.local`: locally one node
 of N processes; inside a SLURM allocation (one task per node under srun) the node's share of a
 multi-node rendezvous derived from the allocation.
 """
