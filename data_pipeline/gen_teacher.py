@@ -174,8 +174,15 @@ def connect_ray() -> str:
         return f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}"
     # address="local": never attach to some other cluster that happens to run on this machine.
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # Ray's fixed metrics ports (44217, 44227; set only through the environment) and the metrics export
+    # port from a block of our own, so that two direct runs on one machine do not clash (launch/ports.py).
+    # Ray picks its other ports free itself; for control over every port, start a head (launch/ray_head.py).
+    from launch.ports import reserve
+
+    block = reserve(3, purpose="the private Ray instance of a direct gen_teacher run")
+    os.environ["AUTOSCALER_METRIC_PORT"], os.environ["DASHBOARD_METRIC_PORT"] = str(block.base), str(block.base + 1)
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+             _metrics_export_port=block.base + 2, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     return "started a local Ray instance (no RAY_ADDRESS)"
 
 

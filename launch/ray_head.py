@@ -158,7 +158,10 @@ class LocalRayHead:
                 raise RayHeadError(f"ray head exited with status {code}; its log ends: {tail}")
             try:
                 with urllib.request.urlopen(f"{self.dashboard}/api/jobs/", timeout=2) as response:
-                    if response.status == 200:
+                    # The job API hands each submission to the head's dashboard agent, giving up after
+                    # 10 s ("No available agent to submit job"): on a loaded machine the agent comes
+                    # up later than the API, so wait for it as well.
+                    if response.status == 200 and port_in_use(self.ports["agent_listen"]):
                         return self
             except OSError:
                 pass
