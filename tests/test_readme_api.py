@@ -46,7 +46,7 @@ def _scratch(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_public_interface_imports_and_command_as_written(tmp_path, monkeypatch):
+def test_public_interface_imports_and_command_as_written(tmp_path):
     section = _section("Public interface")
     (imports,) = _blocks(section, "python")
     exec(compile(imports, "README.md#public-interface", "exec"), {})
