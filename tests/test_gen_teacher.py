@@ -92,6 +92,7 @@ def test_ray_job_writes_each_valid_prompt_exactly_once(clean_run, prompts):
     assert manifest.total_samples == 36 and len(manifest.shards) == manifest.total_shards == 5
     for name, record in manifest.shards.items():
         assert record.sha256 == file_sha256(out / name) and record.bytes == (out / name).stat().st_size
+        assert len(record.sample_sha256) == record.samples  # what the reader verifies each sample against
     assert not list(out.glob("*.partial"))
 
     # Each sample carries its seed (from its key), its source row and the sampling settings.
