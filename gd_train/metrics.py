@@ -35,10 +35,12 @@ LAYOUT = {
                  "samples seen": ["Multiline", [r"^progress/samples_seen$"]]},
     "throughput": {"samples and tokens per second": ["Multiline", [r"throughput/(samples|tokens)_per_s"]],
                    "step time": ["Multiline", [r"throughput/step_time_s"]],
-                   "data wait": ["Multiline", [r"throughput/data_wait_fraction"]]},
+                   "data wait": ["Multiline", [r"throughput/data_wait_fraction"]],
+                   "evaluation time": ["Multiline", [r"throughput/eval_seconds"]]},
     "system": {"memory": ["Multiline", [r"system/.*memory.*"]]},
     "RL": {"chunk f and step t": ["Multiline", [r"rl/(f|t)$"]],
            "scores": ["Multiline", [r"rl/(score|mu|gen).*"]]},
+    "eval": {"held-out scores (train.eval_every)": ["Multiline", [r"^eval/"]]},
 }
 
 
