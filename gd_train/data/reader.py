@@ -415,7 +415,8 @@ class _SampleStream:
       differs is dropped on its own (the rest of the shard is used);
     - with only the whole file's sha256 (older manifests), the file is hashed as the tar streams
       through, and the piece's samples are held back until the digest agrees at the end of the file
-      (a piece that stops early reads on to the end, hashing only). On a mismatch none of them is used;
+      (a piece that stops early reads on to the end, hashing only). On a mismatch none of them is used.
+      Holding back costs up to one shard of decoded samples per worker (64 x 8 MB at the 480p config);
     - without a manifest there is nothing to verify against: only the tar structure and decoding.
     """
 
