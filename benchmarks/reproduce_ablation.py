@@ -125,12 +125,12 @@ class Experiment:
 
         from gd_train.eval import metrics, world
         from gd_train.eval.evaluators import read_samples
-        from gd_train.eval.toy_teacher import toy_config
+        from gd_train.config import CONFIG_DIR, load_config
         from gd_train.model.backbone import pad_prompt_embeds
         from gd_train.pipeline import GreedyDistillPipeline
 
         overrides = [f"pretrained_path={teacher}"] + (["student.etm_window=0"] if row == "stage1_noetm" else [])
-        cfg = toy_config(overrides)
+        cfg = load_config(CONFIG_DIR / "toy" / "stage1.yaml", overrides)  # the student's LoRA ranks, as trained
         adapters = None if row == "untrained" else self.out / f"seed{seed}" / row / "adapters"
         pipe = GreedyDistillPipeline(cfg, adapters=adapters, text_encoder=False, vae=False)
         samples = read_samples(str(self.out / "data" / "heldout"), self.args.heldout)
