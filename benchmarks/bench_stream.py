@@ -10,6 +10,14 @@ RSS it reports (CPU) is its own; on CUDA it is `max_memory_allocated`.
 
     python benchmarks/bench_stream.py                       # tiny + mid, F = 8..128, CPU
     python benchmarks/bench_stream.py --sizes mid --frames 8,64 --modes stream,teacher
+    python benchmarks/bench_stream.py --overhead 1,2 --sizes mid --frames 8,128 --modes stream,merged
+
+`merged` is (a) with per-adapter merged weights (`StreamSettings.merged_adapters`, what gd-generate
+uses) instead of PEFT's LoRA layers. `--overhead THREADS` measures, per thread count and in one
+process, round-robin so that machine load hits all three alike: the generator through PEFT, the
+generator with merged weights, and the raw transformer work a chunk needs — the same six passes
+(4 SDD denoising steps, one SDD context pass, one ETM pass against the window cache) called directly
+on a plain diffusers model without any LoRA — and prints generator / raw per chunk.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ def measure(size: str, mode: str, frames: int, device: str, warmup: int) -> dict
     torch.manual_seed(0)
     student = GreedyDistillStudent.from_config(cfg, device=device)
     text = torch.randn(1, 64, cfg.model.transformer.text_dim, device=device)
-    settings = StreamSettings.from_config(cfg, kv_cache=(mode == "stream"))
+    settings = StreamSettings.from_config(cfg, kv_cache=(mode != "recompute"), merged_adapters=(mode == "merged"))
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -93,6 +101,84 @@ def measure(size: str, mode: str, frames: int, device: str, warmup: int) -> dict
             "growth_mb": peak_mb - base_rss / 1024 if not cuda else None}
 
 
+def measure_overhead(size: str, threads: int, chunks: int, rounds: int) -> dict:
+    import copy
+
+    import torch
+
+    from gd_train.config import load_config
+    from gd_train.infer.stream import StreamingGenerator, StreamSettings
+    from gd_train.model.backbone import load_transformer
+    from gd_train.model.forward import WanPass
+    from gd_train.model.student import GreedyDistillStudent
+
+    torch.set_num_threads(threads)
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", SIZES[size])
+    torch.manual_seed(0)
+    student = GreedyDistillStudent.from_config(cfg).eval()
+    text = torch.randn(1, 64, cfg.model.transformer.text_dim)
+
+    class PlainPass(WanPass):  # a diffusers model without LoRA: there is no adapter to select
+        def select_adapter(self, i, adapter):
+            pass
+
+    raw = copy.copy(student)  # the student's own pass layouts, run on the plain model
+    raw.runner = PlainPass(load_transformer(cfg).eval(), backend=student.runner.backend)
+    # Two adapters are two weight sets: the ETM pass and the SDD passes of a chunk cannot share one.
+    # raw2 runs them on two plain models (what merged weights amount to), raw on one (a lower bound
+    # that ignores this; on a CPU the second weight set also competes for the caches).
+    raw_sdd = copy.copy(student)
+    raw_sdd.runner = PlainPass(load_transformer(cfg).eval(), backend=student.runner.backend)
+    sigmas = StreamSettings.from_config(cfg).sigmas
+    first = student.window + 1  # chunks before this have a partial ETM window
+
+    def per_chunk(times: list[float]) -> float:
+        return statistics.median(times[first:])
+
+    def generator(merged: bool) -> float:
+        settings = StreamSettings.from_config(cfg, merged_adapters=merged)
+        times, t0 = [], time.perf_counter()
+        for _ in StreamingGenerator(student, settings).stream(text, chunks, seed=0):
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
+        return per_chunk(times)
+
+    @torch.no_grad()
+    def raw_passes(sdd) -> float:
+        etm_cache, sdd_cache = raw.new_caches(1, *settings_hw(cfg))
+        x = torch.randn(1, cfg.model.transformer.in_channels, 1, *settings_hw(cfg))
+        cond, times = None, []
+        for f in range(chunks):
+            t0 = time.perf_counter()
+            for sigma in sigmas[:-1]:
+                sdd.sdd_velocity_step(x, sigma, f, cond, sdd_cache, text)
+            sdd.sdd_context_step(x, f, sdd_cache, text)
+            cond = raw.etm_step(x, f, etm_cache, text)
+            times.append(time.perf_counter() - t0)
+        return per_chunk(times)
+
+    runs = {"peft": generator, "merged": generator, "raw": raw_passes, "raw2": raw_passes}
+    args = {"peft": (False,), "merged": (True,), "raw": (raw,), "raw2": (raw_sdd,)}
+    for name in runs:  # warm-up
+        runs[name](*args[name])
+    got: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name in runs:
+            got[name].append(runs[name](*args[name]))
+    out = {name: statistics.median(v) for name, v in got.items()}
+    extra = student.runner.merged.extra_bytes() if student.runner.merged is not None else 0
+    base = sum(p.numel() * p.element_size() for p in student.base_parameters().values())
+    return {"size": size, "threads": threads, **out, "merged_extra_mb": extra / 2**20, "base_mb": base / 2**20}
+
+
+def settings_hw(cfg) -> tuple[int, int]:
+    from gd_train.config import latent_shape
+
+    _, _, h, w = latent_shape(cfg, 1)
+    return h, w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="tiny,mid")
@@ -100,8 +186,17 @@ def main() -> None:
     ap.add_argument("--modes", default="stream,recompute,teacher")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--overhead", default=None, help="thread counts, e.g. 1,2: generator vs raw passes per chunk")
+    ap.add_argument("--overhead-chunks", type=int, default=10)
+    ap.add_argument("--overhead-rounds", type=int, default=3)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # size,mode,F: run in this process
+    ap.add_argument("--one-overhead", default=None, help=argparse.SUPPRESS)  # size,threads
     args = ap.parse_args()
+
+    if args.one_overhead:
+        size, threads = args.one_overhead.split(",")
+        print(json.dumps(measure_overhead(size, int(threads), args.overhead_chunks, args.overhead_rounds)))
+        return
 
     if args.one:
         size, mode, frames = args.one.split(",")
@@ -110,6 +205,26 @@ def main() -> None:
 
     rows = []
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if args.overhead:
+        print(f"load average at start: {os.getloadavg()[0]:.2f}")
+        print("\n| size | threads | generator, PEFT (ms / chunk) | generator, merged (ms / chunk) | raw passes, "
+              "2 plain models (ms / chunk) | raw passes, 1 plain model (ms / chunk) | PEFT / raw2 | merged / raw2 | "
+              "merged / raw | merged weights (MB; base: MB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for size in args.sizes.split(","):
+            for threads in (int(t) for t in args.overhead.split(",")):
+                out = subprocess.run([sys.executable, __file__, "--one-overhead", f"{size},{threads}",
+                                      "--overhead-chunks", str(args.overhead_chunks),
+                                      "--overhead-rounds", str(args.overhead_rounds)],
+                                     capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS=str(threads)),
+                                     check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {size} | {threads} | {r['peft'] * 1e3:.2f} | {r['merged'] * 1e3:.2f} | {r['raw2'] * 1e3:.2f} | "
+                      f"{r['raw'] * 1e3:.2f} | {r['peft'] / r['raw2']:.3f} | {r['merged'] / r['raw2']:.3f} | "
+                      f"{r['merged'] / r['raw']:.3f} | {r['merged_extra_mb']:.1f}; {r['base_mb']:.1f} |", flush=True)
+        print(f"load average at end: {os.getloadavg()[0]:.2f}\n")
+        if not args.modes:
+            return
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
             for frames in (int(f) for f in args.frames.split(",")):
@@ -136,11 +251,14 @@ def main() -> None:
     for size in args.sizes.split(","):
         got = {(r["mode"], r["F"]): r for r in rows if r["size"] == size and not r.get("skipped")}
         fs = sorted(f for m, f in got if m == "stream")
-        if len(fs) >= 2:
-            a, b = got[("stream", fs[0])], got[("stream", fs[-1])]
-            print(f"{size}: stream ms/chunk F={fs[-1]} / F={fs[0]} = {b['s_per_chunk'] / a['s_per_chunk']:.3f}; "
+        for mode in ("stream", "merged"):
+            mfs = sorted(f for m, f in got if m == mode)
+            if len(mfs) < 2:
+                continue
+            a, b = got[(mode, mfs[0])], got[(mode, mfs[-1])]
+            print(f"{size}: {mode} ms/chunk F={mfs[-1]} / F={mfs[0]} = {b['s_per_chunk'] / a['s_per_chunk']:.3f}; "
                   f"peak memory {a['peak_mb']:.0f} -> {b['peak_mb']:.0f} MB")
-            print(f"{size}: within the F={fs[-1]} stream, last 8 chunks / first 8 full-window chunks = "
+            print(f"{size}: within the {mode} F={mfs[-1]} stream, last 8 chunks / first 8 full-window chunks = "
                   f"{b['late_chunk_s'] / b['early_chunk_s']:.3f} ({b['early_chunk_s'] * 1e3:.1f} -> "
                   f"{b['late_chunk_s'] * 1e3:.1f} ms; same process, so machine load cancels)")
         for f in fs:

@@ -92,7 +92,8 @@ class GreedyDistillPipeline:
         if adapters:
             self.student.load_adapters(adapters)
         self.student.eval()
-        self.settings = StreamSettings.from_config(cfg, kv_cache=kv_cache, steps=steps)
+        self.settings = StreamSettings.from_config(cfg, kv_cache=kv_cache, steps=steps,
+                                                   merged_adapters=bool(cfg.generate.merged_adapters))
         self.generator = StreamingGenerator(self.student, self.settings)
         self.encoder = PromptEncoder(cfg, device=self.device) if text_encoder else None
         self.vae = load_vae(cfg).to(self.device) if vae else None

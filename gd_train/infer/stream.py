@@ -39,15 +39,19 @@ class StreamSettings:
     sigmas: list[float]  # decreasing, ending at 0
     guidance_scale: float = 1.0
     kv_cache: bool = True
+    # Run the passes through per-adapter merged weights instead of PEFT's LoRA layers (generation;
+    # one extra copy of the adapted weights per adapter: gd_train.model.merged). Training rollouts keep PEFT.
+    merged_adapters: bool = False
 
     @classmethod
-    def from_config(cls, cfg, kv_cache: bool = True, steps=None) -> "StreamSettings":
+    def from_config(cls, cfg, kv_cache: bool = True, steps=None, merged_adapters: bool = False) -> "StreamSettings":
         from gd_train.config import latent_shape
 
         _, _, h, w = latent_shape(cfg, 1)
         step_list = list(steps) if steps is not None else list(cfg.student.denoising_steps)
         return cls(height=h, width=w, sigmas=few_step_sigmas(step_list, cfg.student.flow_shift),
-                   guidance_scale=float(cfg.student.guidance_scale), kv_cache=kv_cache)
+                   guidance_scale=float(cfg.student.guidance_scale), kv_cache=kv_cache,
+                   merged_adapters=merged_adapters)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class StreamingGenerator:
         if num_frames is not None and num_frames < 1:
             raise ValueError(f"num_frames: expected >= 1 (or None for an endless stream), got {num_frames}")
         student = self.student
+        student.merged_inference(self.s.merged_adapters)  # (re)merges only if a LoRA weight changed
         guided = self.s.guidance_scale != 1.0
         if guided and negative_embeds is None:
             raise ValueError("guidance_scale != 1 needs negative prompt embeddings (Wan's negative prompt)")

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gd_train.model.attention import (
     AttnState, CacheOps, ChunkMask, StudentAttnProcessor, StudentCrossAttnProcessor, rope_at_frames)
+from gd_train.model.merged import MergedAdapters
 
 
 @dataclass
@@ -42,6 +43,9 @@ class WanPass:
                 block.attn2.set_processor(StudentCrossAttnProcessor(i))
         self._lora_layers = [[m for m in block.modules() if isinstance(m, BaseTunerLayer)]
                              for block in transformer.blocks]
+        # Set for inference (`GreedyDistillStudent.merged_inference`): passes without grad then run
+        # plain blocks with the adapter merged in, not PEFT's wrappers (gd_train.model.merged).
+        self.merged: Optional[MergedAdapters] = None
 
     # ----------------------------------------------------------------------------------------------
     def tokens_per_chunk(self, height: int, width: int) -> int:
@@ -122,8 +126,11 @@ class WanPass:
         return temb, tproj, text_h
 
     def _run_block(self, i: int, adapter: Optional[str], state: AttnState, x, text_h, tproj):
-        self.select_adapter(i, adapter)
-        block = self.model.blocks[i]
+        if self.merged is not None and not torch.is_grad_enabled():
+            block = self.merged.block(i, adapter)
+        else:
+            self.select_adapter(i, adapter)
+            block = self.model.blocks[i]
         block.attn1.processor.state = state
         if isinstance(block.attn2.processor, StudentCrossAttnProcessor):
             block.attn2.processor.text_cache = state.cache_ops.cache if state.cache_ops is not None else None

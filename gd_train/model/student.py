@@ -112,6 +112,19 @@ class GreedyDistillStudent(nn.Module):
         bf16 base), so a bf16 base's hidden states are cast to it; its output is cast back where added."""
         return self.cf_proj(hidden.to(self.cf_proj[1].weight.dtype))
 
+    def merged_inference(self, enabled: bool = True) -> None:
+        """Passes without grad run plain blocks with the adapter merged in (no PEFT wrappers; one extra
+        copy of the adapted weights per adapter, see gd_train.model.merged). Views stale since a LoRA
+        weight changed are dropped here; training passes (grad on) always run the PEFT layers."""
+        from gd_train.model.merged import MergedAdapters
+
+        if not enabled:
+            self.runner.merged = None
+            return
+        if self.runner.merged is None:
+            self.runner.merged = MergedAdapters(self.transformer, ADAPTERS)
+        self.runner.merged.refresh()
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.runner.gradient_checkpointing = enabled
 
@@ -168,6 +181,8 @@ class GreedyDistillStudent(nn.Module):
         if not (folder / CF_PROJ_WEIGHTS).is_file():
             raise FileNotFoundError(f"adapters folder {folder}: missing {CF_PROJ_WEIGHTS}; expected {expected}")
         self.cf_proj.load_state_dict(load_file(str(folder / CF_PROJ_WEIGHTS)))
+        if self.runner.merged is not None:  # merged from the weights just replaced
+            self.runner.merged.invalidate()
         for p in self.trainable_parameters():  # loading must not freeze what trains
             p.requires_grad_(True)
 
