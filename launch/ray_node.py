@@ -1,0 +1,144 @@
+"""A further Ray node on this machine, joined to a running local head (`ray start --address`): a
+multi-node Ray cluster on one machine, for the data job's multi-node paths (work spread over nodes,
+a node lost mid-shard).
+
+The node is a cluster member of its own: its own session (it leads it), temp dir, resources and ports
+(a block from `launch.ports`, as the head's), so it can be killed as a whole — `kill()` SIGKILLs every
+process of the node at once (its session, and the workers its raylet forks, which leave it), which is
+what a lost machine looks like to the head — without touching the head or anything else. Never `ray stop` (it kills Ray processes by name, machine-wide).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from launch.ports import PortError, reserve
+from launch.ray_head import LocalRayHead, RayHeadError, ray_env, session_members
+
+NODE_PORTS = ("node_manager", "object_manager", "agent_grpc", "agent_listen", "metrics_export", "runtime_env_agent")
+WORKER_PORTS = 50
+
+
+def alive_nodes(head: LocalRayHead) -> list[dict]:
+    """The cluster's ALIVE nodes, from the head's state API (node_id, resources_total, ...)."""
+    url = f"{head.dashboard}/api/v0/nodes?limit=1000&detail=true"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        nodes = json.loads(response.read())["data"]["result"]["result"]
+    return [n for n in nodes if n.get("state") == "ALIVE"]
+
+
+class LocalRayNode:
+    """`ray start --address <head> --block` with `num_cpus` CPUs and custom `resources`."""
+
+    def __init__(self, head: LocalRayHead, num_cpus: int = 1, resources: Optional[dict[str, float]] = None):
+        self.head, self.num_cpus, self.resources = head, num_cpus, dict(resources or {})
+        try:
+            self.block = reserve(len(NODE_PORTS) + WORKER_PORTS, purpose="a local Ray node")
+        except PortError as exc:
+            raise RayHeadError(str(exc)) from None
+        self.ports = dict(zip(NODE_PORTS, self.block.ports))
+        first_worker = self.block.base + len(NODE_PORTS)
+        self.worker_ports = (first_worker, first_worker + WORKER_PORTS - 1)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="gdraynode", dir="/tmp"))  # short: Unix sockets under it
+        self.log_path = self.temp_dir / "node.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self.node_id: Optional[str] = None
+
+    def command(self) -> list[str]:
+        return ["ray", "start", "--address", f"127.0.0.1:{self.head.gcs_port}", "--block", "--disable-usage-stats",
+                "--num-cpus", str(self.num_cpus), "--num-gpus", "0", "--resources", json.dumps(self.resources),
+                "--node-manager-port", str(self.ports["node_manager"]),
+                "--object-manager-port", str(self.ports["object_manager"]),
+                "--dashboard-agent-grpc-port", str(self.ports["agent_grpc"]),
+                "--dashboard-agent-listen-port", str(self.ports["agent_listen"]),
+                "--metrics-export-port", str(self.ports["metrics_export"]),
+                "--runtime-env-agent-port", str(self.ports["runtime_env_agent"]),
+                "--min-worker-port", str(self.worker_ports[0]), "--max-worker-port", str(self.worker_ports[1]),
+                "--temp-dir", str(self.temp_dir)]
+
+    def start(self, timeout_s: float = 90.0) -> "LocalRayNode":
+        before = {n["node_id"] for n in alive_nodes(self.head)}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                tail = self.log_path.read_text(errors="replace")[-2000:].replace("\n", " | ")
+                self._cleanup()
+                raise RayHeadError(f"ray node exited with status {code}; its log ends: {tail}")
+            new = [n["node_id"] for n in alive_nodes(self.head)
+                   if n["node_id"] not in before and "node:__internal_head__" not in n.get("resources_total", {})]
+            if new:
+                self.node_id = new[0]
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RayHeadError(f"ray node: not alive in the cluster of {self.head.dashboard} after {timeout_s:.0f} s")
+
+    def pids(self) -> list[int]:
+        """Every process of the node: its session (`ray start`, raylet, agents) and everything those
+        started, the workers and actors its raylet forks included (they leave the session)."""
+        if self.proc is None:
+            return []
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        mine = set(session_members(self.proc.pid))
+        grew = True
+        while grew:
+            before = len(mine)
+            mine |= {pid for pid, ppid in parents.items() if ppid in mine}
+            grew = len(mine) > before
+        return sorted(mine)
+
+    def kill(self) -> None:
+        """The whole node at once, SIGKILL: no process of it gets to say goodbye to the head."""
+        if self.proc is None:
+            return
+        for _ in range(3):  # a process forked while we signal escapes one round, not three
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        self.proc.wait(timeout=10)
+        self.proc = None
+        self._cleanup()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            self._cleanup()
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.block.release()
+
+    def __enter__(self) -> "LocalRayNode":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
