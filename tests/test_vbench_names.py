@@ -1,19 +1,21 @@
-"""`gd-generate --vbench-dir` writes names VBench finds, checked against VBench's own matching rule.
+"""`gd-generate --vbench-dir` writes names VBench finds, checked against VBench's matching rule.
 
 vbench 0.1.5 does not import here (its `vbench/utils.py` imports decord and torchvision; PyPI's
-torchvision does not import on this torch), so the two rules below are its code, copied from
-`vbench/__init__.py` (`VBench.build_full_info_json`, tag v0.1.5) and `vbench/utils.py`
-(`get_prompt_from_filename`), minus the logging. The prompts are VBench's own: its longest (210 bytes)
-and its only non-ASCII one, from `vbench/VBench_full_info.json`."""
+torchvision does not import on this torch), so the two rules are restated below from its source
+(`VBench.build_full_info_json` and `get_prompt_from_filename`, tag v0.1.5; see STACK_NOTES):
+- standard mode lists the videos folder once (flat), takes the suffix of the first file listed, and
+  for each prompt of `VBench_full_info.json` looks for exactly `f"{prompt}-{i}{suffix}"`, i in 0..4;
+  no truncation or sanitising, a missing name is only a warning;
+- custom_input mode with `--prompt_file` reads a JSON map {file name: prompt} relative to the videos
+  folder; every video file (.mp4/.gif/.jpg/.png) must have an entry, and that entry is its prompt.
+The prompts are VBench's own: its longest (210 bytes) and its only non-ASCII one."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-from itertools import chain
 from pathlib import Path
 
 VBENCH_LONGEST = ("Snow rocky mountains peaks canyon. snow blanketed rocky mountains surround and shadow deep "
@@ -21,48 +23,24 @@ VBENCH_LONGEST = ("Snow rocky mountains peaks canyon. snow blanketed rocky mount
                   "steady and smooth perspective")
 VBENCH_NON_ASCII = ("A tranquil tableau of at the edge of the Arabian Desert, the ancient city of Petra beckoned "
                     "with its enigmatic rock-carved façades")
+VIDEO_SUFFIXES = {".mp4", ".gif", ".jpg", ".png"}
 
 
-def vbench_standard_videos(videos_path: str, prompt: str, special_str: str = "") -> list[str]:
-    """vbench 0.1.5, standard mode: the videos of one prompt of `VBench_full_info.json`."""
-    video_names = os.listdir(videos_path)
-    postfix = Path(video_names[0]).suffix
-    found = []
-    for i in range(5):  # video index for the same prompt
-        intended_video_name = f'{prompt}{special_str}-{str(i)}{postfix}'
-        if intended_video_name in video_names:
-            found.append(os.path.join(videos_path, intended_video_name))
-    return found
+def vbench_standard_videos(videos_dir: Path, prompt: str) -> list[str]:
+    """The file names VBench's standard mode scores for one prompt (up to 5 samples)."""
+    listed = os.listdir(videos_dir)
+    suffix = Path(listed[0]).suffix
+    return [name for name in (f"{prompt}-{i}{suffix}" for i in range(5)) if name in listed]
 
 
-def get_prompt_from_filename(path: str):
-    prompt = Path(path).stem
-    number_ending = r'-\d+$'
-    if re.search(number_ending, prompt):
-        return re.sub(number_ending, '', prompt)
-    return prompt
-
-
-def vbench_custom_input(videos_path: str, prompt_file: str) -> dict[str, str]:
-    """vbench 0.1.5, `--mode custom_input --prompt_file`: video path -> the prompt it is scored against."""
-    with open(prompt_file, 'r') as f:
-        prompt_list = json.load(f)
-    assert type(prompt_list) == dict
-    cur_full_info_list = []
-    for filename in os.listdir(videos_path):
-        postfix = Path(os.path.join(videos_path, filename)).suffix
-        if postfix.lower() not in ['.mp4', '.gif', '.jpg', '.png']:
-            continue
-        cur_full_info_list.append({"prompt_en": get_prompt_from_filename(filename),
-                                   "video_list": [os.path.join(videos_path, filename)]})
-    prompt_list = {os.path.join(videos_path, path): prompt_list[path] for path in prompt_list}
-    assert len(prompt_list) >= len(cur_full_info_list)
-    all_video_path = [os.path.abspath(file) for file in list(chain.from_iterable(vid["video_list"] for vid in cur_full_info_list))]
-    assert len(set(all_video_path) - set([os.path.abspath(path_key) for path_key in prompt_list])) == 0
-    video_map = {os.path.abspath(k): v for k, v in prompt_list.items()}
-    for video_info in cur_full_info_list:
-        video_info["prompt_en"] = video_map[os.path.abspath(video_info["video_list"][0])]
-    return {v["video_list"][0]: v["prompt_en"] for v in cur_full_info_list}
+def vbench_custom_input(videos_dir: Path, prompt_map: Path) -> dict[str, str]:
+    """Video path -> the prompt VBench's custom_input mode scores it against; fails as VBench does
+    (an assertion / KeyError) when a video has no entry in the map."""
+    by_path = {os.path.abspath(videos_dir / name): prompt for name, prompt in json.loads(prompt_map.read_text()).items()}
+    videos = [os.path.abspath(videos_dir / name) for name in os.listdir(videos_dir)
+              if Path(name).suffix.lower() in VIDEO_SUFFIXES]
+    assert set(videos) <= set(by_path), sorted(set(videos) - set(by_path))
+    return {path: by_path[path] for path in videos}
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:
@@ -78,7 +56,7 @@ def test_vbench_standard_mode_finds_its_longest_and_its_non_ascii_prompt(tmp_pat
     proc = generate("--prompt-file", str(prompts), "--vbench-dir", str(videos), "--samples-per-prompt", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for prompt in (VBENCH_LONGEST, VBENCH_NON_ASCII):
-        assert [Path(p).name for p in vbench_standard_videos(str(videos), prompt)] == [f"{prompt}-0.mp4", f"{prompt}-1.mp4"]
+        assert vbench_standard_videos(videos, prompt) == [f"{prompt}-0.mp4", f"{prompt}-1.mp4"]
     assert sorted(p.suffix for p in videos.iterdir()) == [".mp4"] * 4  # VBench takes the suffix of the first file
 
 
@@ -101,6 +79,6 @@ def test_names_the_file_system_cannot_hold_are_refused_or_mapped_for_custom_inpu
                     "--samples-per-prompt", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--mode custom_input --prompt_file" in proc.stdout
-    scored = vbench_custom_input(str(videos), str(videos / "vbench_prompts.json"))
+    scored = vbench_custom_input(videos, videos / "vbench_prompts.json")
     assert sorted(scored.values()) == sorted(["a short prompt", too_long, "an AC/DC concert"])
-    assert os.path.join(str(videos), "a short prompt-0.mp4") in scored  # names that fit stay standard
+    assert os.path.abspath(videos / "a short prompt-0.mp4") in scored  # names that fit stay standard
