@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench reproduce clean-demo
+.PHONY: install demo test test-full bench reproduce clean-demo
 
 install:
 	@bash scripts/install.sh

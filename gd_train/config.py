@@ -225,6 +225,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 (default) or 3 (parameters sharded too)
     zero3_param_persistence_threshold: int = 100_000  # ZeRO-3: smaller parameters stay whole on every rank
+    # ZeRO-3: most elements gathered at once / a gathered parameter is kept if reused within this many
+    # elements. None: two / one transformer block(s) (DeepSpeed's 1e9 keeps most of a frozen 1.3B base
+    # gathered between forward and backward, more memory than ZeRO-2; see docs/training.md).
+    zero3_max_live_parameters: Optional[int] = None
+    zero3_max_reuse_distance: Optional[int] = None
     checkpoint_every: int = 100  # optimizer steps
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     log_every: int = 1

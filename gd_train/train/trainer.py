@@ -311,6 +311,15 @@ def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict:
     zero: dict = {"stage": int(train.zero_stage), "contiguous_gradients": True}
     if train.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = int(train.zero3_param_persistence_threshold)
+        # DeepSpeed's defaults (1e9 elements each) suit a model that trains whole. Here the frozen base
+        # runs 2 passes forward + their recompute and backward per step; with a reuse distance of 1e9 a
+        # block used again within 1e9 elements stays gathered, so most of a 1.4B base lived gathered next
+        # to its partition, more than ZeRO-2 holds. One block gathered (+ one prefetched) at a time.
+        block = zero3_block_numel(cfg)
+        live, reuse = train.zero3_max_live_parameters, train.zero3_max_reuse_distance
+        zero["stage3_max_live_parameters"] = int(live) if live is not None else 2 * block
+        zero["stage3_max_reuse_distance"] = int(reuse) if reuse is not None else block
+        zero["stage3_prefetch_bucket_size"] = min(block, zero["stage3_max_live_parameters"])
     return {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -326,13 +335,37 @@ def deepspeed_config(cfg: DictConfig, plan: BatchPlan) -> dict:
     }
 
 
+def zero3_block_numel(cfg: DictConfig) -> int:
+    """Elements of one transformer block's adapted linears (q/k/v/out of both attentions, the FFN)."""
+    from gd_train.config import transformer_arch
+
+    arch = transformer_arch(cfg)
+    dim = int(arch["num_attention_heads"]) * int(arch["attention_head_dim"])
+    return 8 * dim * dim + 2 * dim * int(arch["ffn_dim"])
+
+
 def _deepspeed_engine(cfg, plan, objective, optimizer, scheduler):
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warning = zero3_warning(cfg, objective.student, plan.world_size) if int(cfg.train.zero_stage) == 3 else None
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, plan))
+    if warning and distributed.rank() == 0:
+        print(f"gd-train: warning: {warning}", flush=True)
     return engine
+
+
+def zero3_warning(cfg: DictConfig, student, world_size: int) -> str:
+    """Why ZeRO-3 rarely pays here: what trains (LoRA + c_f) is small and ZeRO-2 shards its optimizer
+    state already; ZeRO-3 only adds sharding of the frozen base, at an all-gather per block per pass."""
+    base = sum(p.numel() * p.element_size() for p in student.base_parameters().values())
+    saved = base * (1 - 1 / max(world_size, 1))
+    return (f"train.zero_stage=3 with a frozen base: only LoRA and c_f train (ZeRO-2 shards their optimizer "
+            f"state already), so ZeRO-3 can save at most {saved / 2**30:.2f} GiB of base weights per rank on "
+            f"{world_size} rank(s), and gathers every block again in each forward, recompute and backward; it "
+            f"measured more memory per rank and 2x slower steps than ZeRO-2 on CPU ranks (BENCHMARKS.md, "
+            f"'ZeRO-2 vs ZeRO-3'). Prefer train.zero_stage=2 unless the base itself does not fit one device")
 
 
 def _restore(engine, reader: ShardReader, run_dir: Path, fingerprint: str, world_size: int) -> RunState:
