@@ -3,10 +3,10 @@ logged step in `<run_dir>/metrics.jsonl`. Only rank 0 writes; the values it writ
 reduced over ranks by the trainer.
 
 Tags are `group/name`, and a custom-scalars layout groups them so the dashboard opens sorted into
-loss (one chart per objective), optimisation, progress, throughput, system and RL; every scalar
-group logged has its place in it (tested). On resume the writer purges events at or after the
-resumed step (`purge_step`) and `metrics.jsonl` is cut back to the checkpoint, so curves continue
-without a fork.
+loss (one chart per objective), optimisation, progress, throughput, system, data (damage
+counters) and RL; every scalar group logged has its place in it (tested). On resume the writer purges
+events at or after the resumed step (`purge_step`) and `metrics.jsonl` is cut back to the checkpoint,
+so curves continue without a fork.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ LAYOUT = {
                    "data wait": ["Multiline", [r"throughput/data_wait_fraction"]],
                    "evaluation time": ["Multiline", [r"throughput/eval_seconds"]]},
     "system": {"memory": ["Multiline", [r"system/.*memory.*"]]},
+    "data": {"damage (summed over ranks)": ["Multiline", [r"data/.*"]]},
     "RL": {"chunk f and step t": ["Multiline", [r"rl/(f|t)$"]],
            "scores": ["Multiline", [r"rl/(score|mu|gen).*"]]},
     "eval": {"held-out scores (train.eval_every)": ["Multiline", [r"^eval/"]]},

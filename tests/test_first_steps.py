@@ -85,4 +85,4 @@ def test_a_ray_head_already_on_the_port_is_one_line(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (f"demo: error: port {port} on 127.0.0.1 is taken (a Ray head already running?); stop that "
-                    f"head, or pick another port (e.g. RAY_DASHBOARD_PORT={port + 1})")
+                    f"head, or pick another port (e.g. RAY_DASHBOARD_PORT={port + 1}), or leave it unset")
