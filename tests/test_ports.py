@@ -94,6 +94,7 @@ def test_a_taken_port_base_is_refused_in_one_line():
     block = ports.reserve(PORTS_PER_HEAD, purpose="test")
     block.release()
     with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the block may hold TIME_WAIT sockets of an earlier test
         busy.bind(("127.0.0.1", block.base + 5))
         busy.listen()
         with pytest.raises(RayHeadError, match=rf"^port base {block.base} .*: port {block.base + 5} is in use; "):
