@@ -83,6 +83,16 @@ WORKER_PORTS = 100  # Ray's worker processes and drivers: one port each
 PORTS_PER_HEAD = len(NAMED_PORTS) + WORKER_PORTS
 
 
+def node_port_flags(ports: dict[str, int], worker_ports: tuple[int, int]) -> list[str]:
+    """`ray start` flags for the ports every Ray node opens (head or not), from its reserved block."""
+    return ["--node-manager-port", str(ports["node_manager"]), "--object-manager-port", str(ports["object_manager"]),
+            "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
+            "--dashboard-agent-listen-port", str(ports["agent_listen"]),
+            "--metrics-export-port", str(ports["metrics_export"]),
+            "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
+            "--min-worker-port", str(worker_ports[0]), "--max-worker-port", str(worker_ports[1])]
+
+
 class LocalRayHead:
     """`port_base`: the head uses exactly port_base .. port_base + PORTS_PER_HEAD - 1 (refused in one
     line if any is taken); unset, a free block is reserved (`launch.ports`). `dashboard_port` moves
@@ -125,14 +135,7 @@ class LocalRayHead:
                 "--num-gpus", "0", "--port", str(self.ports["gcs"]),
                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(self.ports["dashboard"]), "--ray-client-server-port", str(self.ports["client"]),
-                "--node-manager-port", str(self.ports["node_manager"]),
-                "--object-manager-port", str(self.ports["object_manager"]),
-                "--dashboard-agent-grpc-port", str(self.ports["agent_grpc"]),
-                "--dashboard-agent-listen-port", str(self.ports["agent_listen"]),
-                "--metrics-export-port", str(self.ports["metrics_export"]),
-                "--runtime-env-agent-port", str(self.ports["runtime_env_agent"]),
-                "--min-worker-port", str(self.worker_ports[0]), "--max-worker-port", str(self.worker_ports[1]),
-                "--temp-dir", str(self.temp_dir)]
+                *node_port_flags(self.ports, self.worker_ports), "--temp-dir", str(self.temp_dir)]
 
     def environment(self) -> dict[str, str]:
         """The head's environment: Ray reads these two ports from it only."""

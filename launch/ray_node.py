@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.ports import PortError, reserve
-from launch.ray_head import LocalRayHead, RayHeadError, ray_env, session_members
+from launch.ray_head import LocalRayHead, RayHeadError, node_port_flags, ray_env, session_members
 
 NODE_PORTS = ("node_manager", "object_manager", "agent_grpc", "agent_listen", "metrics_export", "runtime_env_agent")
 WORKER_PORTS = 50
@@ -56,14 +56,7 @@ class LocalRayNode:
     def command(self) -> list[str]:
         return ["ray", "start", "--address", f"127.0.0.1:{self.head.gcs_port}", "--block", "--disable-usage-stats",
                 "--num-cpus", str(self.num_cpus), "--num-gpus", "0", "--resources", json.dumps(self.resources),
-                "--node-manager-port", str(self.ports["node_manager"]),
-                "--object-manager-port", str(self.ports["object_manager"]),
-                "--dashboard-agent-grpc-port", str(self.ports["agent_grpc"]),
-                "--dashboard-agent-listen-port", str(self.ports["agent_listen"]),
-                "--metrics-export-port", str(self.ports["metrics_export"]),
-                "--runtime-env-agent-port", str(self.ports["runtime_env_agent"]),
-                "--min-worker-port", str(self.worker_ports[0]), "--max-worker-port", str(self.worker_ports[1]),
-                "--temp-dir", str(self.temp_dir)]
+                *node_port_flags(self.ports, self.worker_ports), "--temp-dir", str(self.temp_dir)]
 
     def start(self, timeout_s: float = 90.0) -> "LocalRayNode":
         before = {n["node_id"] for n in alive_nodes(self.head)}
