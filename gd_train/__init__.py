@@ -5,7 +5,7 @@
 Names resolve on first use, so `import gd_train.config` (the launcher, the CLI) does not load torch or
 diffusers."""
 
-from importlib import import_module
+from gd_train._lazy import lazy_exports
 
 _EXPORTS = {
     "GreedyDistillPipeline": "gd_train.pipeline",
@@ -13,14 +13,4 @@ _EXPORTS = {
     "GreedyDistillStudent": "gd_train.model.student",
     "StreamingGenerator": "gd_train.infer.stream",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gd_train' has no attribute '{name}'")
-    return getattr(import_module(_EXPORTS[name]), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports("gd_train", _EXPORTS)

@@ -1,7 +1,7 @@
 """The student model: `GreedyDistillStudent` (frozen Wan base + `etm`/`sdd` LoRA + c_f projection) and
 the diffusers parts it is built from. Names resolve on first use, so `import gd_train.model` stays cheap."""
 
-from importlib import import_module
+from gd_train._lazy import lazy_exports
 
 _EXPORTS = {
     "GreedyDistillStudent": "gd_train.model.student",
@@ -15,14 +15,4 @@ _EXPORTS = {
     "pad_prompt_embeds": "gd_train.model.backbone",
     "write_diffusers_lora": "gd_train.model.diffusers_lora",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gd_train.model' has no attribute '{name}'")
-    return getattr(import_module(_EXPORTS[name]), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports("gd_train.model", _EXPORTS)

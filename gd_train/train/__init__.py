@@ -1,7 +1,7 @@
 """Training: the DeepSpeed loop (`Trainer`, `train`) for both stages and their objectives. Names
 resolve on first use: the launcher and the CLI import `gd_train.train.plan` without the model stack."""
 
-from importlib import import_module
+from gd_train._lazy import lazy_exports
 
 _EXPORTS = {
     "Trainer": "gd_train.train.trainer",
@@ -11,14 +11,4 @@ _EXPORTS = {
     "build_objective": "gd_train.train.objectives",
     "BatchPlan": "gd_train.train.plan",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gd_train.train' has no attribute '{name}'")
-    return getattr(import_module(_EXPORTS[name]), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports("gd_train.train", _EXPORTS)
