@@ -133,6 +133,9 @@ class StudentConfig:
     # stage 1 also trains that f = 0 term (see docs/design.md).
     train_first_frame: bool = True
     gradient_checkpointing: bool = False
+    # Mixed lengths: checkpointing on for steps whose clips have at least this many latent frames (None:
+    # `gradient_checkpointing` alone decides, at every length).
+    gradient_checkpointing_min_frames: Optional[int] = None
 
 
 @dataclass
@@ -154,6 +157,21 @@ class PromptFilters:
     min_motion_score: Optional[float] = None  # OpenVidHD's `motion score` column
     dedupe_captions: bool = True  # keep the first row of each caption
     max_prompts: Optional[int] = None  # keep the first N rows left after the filters above
+
+
+@dataclass
+class LengthPolicy:
+    """How many frames each prompt's teacher clip gets (pixel frames, 1 + 4k; docs/data.md). The choice
+    is a function of the prompt's key and the policy only: the same on every worker, rerun and retry."""
+
+    mode: str = "fixed"  # fixed (video.num_frames) | choices (a weighted list) | source (the CSV row's duration)
+    choices: list[int] = field(default_factory=list)  # choices: the lengths to draw from
+    weights: list[float] = field(default_factory=list)  # choices: their weights (empty: equal)
+    # source: the clip's duration (OpenVidHD `seconds`, else `frame` / `fps`) at video.fps, snapped to the
+    # nearest 1 + 4k inside [min_frames, max_frames]
+    min_frames: int = 81
+    max_frames: int = 301
+    on_missing: str = "bad_row"  # source, a row without a readable duration: bad_row (reported, left out) | fixed
 
 
 @dataclass
@@ -182,6 +200,7 @@ class DatagenConfig:
     # shard's first attempt only (a worker death mid-shard, for the retry path).
     fault_kill_shard: Optional[int] = None
     filters: PromptFilters = field(default_factory=PromptFilters)
+    lengths: LengthPolicy = field(default_factory=LengthPolicy)
 
 
 @dataclass
@@ -202,6 +221,10 @@ class DataConfig:
     # data at start). strict: one verifying pass at start, split over the ranks, and every epoch is
     # planned from the readable samples only, so no sample is read twice (docs/data.md).
     strict: bool = False
+    # Clip lengths (pixel frames) a run trains on: shards holding other lengths are left out, each reported
+    # once (None: no bound). Every optimizer step reads one length, the same on every rank (docs/data.md).
+    min_frames: Optional[int] = None
+    max_frames: Optional[int] = None
 
 
 @dataclass
@@ -213,7 +236,16 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (None: run all epochs)
     # global = micro x gradient accumulation x world size; a combination that does not divide is refused
     global_batch_size: int = 4
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # at the shortest length of the data (see micro_batch_policy)
+    # Mixed lengths (docs/training.md, "Lengths and batches"). The micro-batch at latent length F:
+    # fixed = micro_batch_size at every length; token_budget = micro_batch_size x F_min // F (at least 1);
+    # micro_batch_table (latent frames -> micro-batch) overrides either for the lengths it names.
+    micro_batch_policy: str = "fixed"
+    micro_batch_table: dict[str, int] = field(default_factory=dict)  # keys: latent frames, e.g. {"21": 2}
+    # samples: every step holds global_batch_size samples (accumulation recomputed per length);
+    # tokens: every step holds the tokens of global_batch_size samples at the shortest length (accumulation
+    # fixed, fewer samples per step at longer lengths).
+    batch_unit: str = "samples"
     adapters: list[str] = field(default_factory=lambda: ["etm", "sdd"])  # the others stay frozen
     lr: float = 1e-5
     weight_decay: float = 0.0
