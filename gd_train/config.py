@@ -298,11 +298,17 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+OPEN_MAPPINGS = ("train.micro_batch_table",)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 schema: type = Config) -> DictConfig:
     """Defaults -> YAML (with its `include:` chain) -> dot-list overrides, validated, read-only."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    for key in OPEN_MAPPINGS:  # free-form tables: their keys are data, not schema
+        if OmegaConf.select(cfg, key) is not None:
+            OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     if path is not None:
         for source, data in _yaml_chain(Path(path)):
             cfg = _merge(cfg, data, source)
