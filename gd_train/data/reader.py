@@ -1,32 +1,38 @@
-"""The training-side reader of teacher shards: equal steps on every rank, exact mid-epoch resume.
+"""The training-side reader of teacher shards: one length per step on every rank, equal steps, exact
+mid-epoch resume on any number of ranks.
 
-An epoch is planned up front, identically on every rank, from the shard list and the sample count of
-each shard (read from `manifest.json`, or from tar headers when there is none):
+Each shard holds clips of one length (`data_pipeline` plans it so; without a manifest the first
+sample tells). An epoch is planned up front, identically on every rank and independently of the world
+size, from the shard list, each shard's sample count and length (read from `manifest.json`):
 
-1. the shards are put in an order drawn from (seed, epoch) and their samples laid end to end;
-2. the stream is cut at a multiple of world_size x micro_batch_size — the few samples past it (fewer
-   than one global batch) are this epoch's dropped tail, reported in `stats` — so every rank gets the
-   same number of steps and no collective waits on a rank that ran dry;
-3. rank r takes the r-th contiguous span; within it, DataLoader worker w takes every W-th batch, read
-   from a contiguous sub-span (so each worker opens few shards);
-4. inside a worker, samples are shuffled within consecutive windows of `shuffle_buffer` samples, with
-   a generator seeded by (seed, epoch, rank, worker, window).
+1. the shards are grouped into buckets by length (latent frames); `gd_train.data.buckets` says how many
+   samples one optimizer step holds at each length (`samples_per_step`, world-size free);
+2. per bucket, the shards are put in an order drawn from (seed, epoch, length) and their samples laid
+   end to end, then cut into blocks of one step's samples — the few samples past the last whole block
+   are the bucket's dropped tail, reported in `stats`; blocks are permuted within windows of
+   `shuffle_buffer` samples;
+3. the steps of all buckets are interleaved in an order drawn from (seed, epoch): step s reads one block
+   of one bucket, so every rank runs the same length at every step (same graph, same collectives);
+4. rank r takes the r-th contiguous share of the step's block, shuffled (seeded by seed, epoch, step,
+   rank) and cut into the step's micro-batches; DataLoader worker w prepares every W-th step.
 
 Why our own assignment rather than `wds.split_by_node` / `split_by_worker` + `wds.shuffle`: those hand
-out whole shards round-robin (ranks with more shards run more steps, and a collective hangs) and keep
-their shuffle state inside the workers, so a position cannot be saved. Here every batch's content is a
-function of (seed, epoch, layout, batch index): the position is just (epoch, batches consumed), and
-resuming replays the plan from the window that holds the next batch. WebDataset still does the reading
-(`wds.tarfile_samples`), and `gd_train.data.shards` the decoding.
+out whole shards round-robin (ranks with more shards run more steps, and a collective hangs), know no
+lengths, and keep their shuffle state inside the workers, so a position cannot be saved. Here every
+step's samples are a function of (seed, epoch, shard set, step index): the position is just (epoch, steps
+consumed), the same on every rank, and a run resumed on another number of ranks re-splits the remaining
+steps — no sample repeated or skipped. WebDataset still does the reading (`wds.tarfile_samples`), and
+`gd_train.data.shards` the decoding. Reading a share scans its shard's tar from the start (tars have no
+index), so a rank reads up to one shard more than its share per step.
 
-`resampled=True` draws each worker's shards with replacement instead (same steps per epoch, no tail).
+`resampled=True` draws each bucket's shards with replacement instead (same steps per epoch, no tail).
 
 Damage never stops training (unless `data.on_damage=refuse`, for what is known at start): a shard
 missing from the folder, unrecorded in its manifest, of another size than the manifest says, or whose
 tar is cut short, is left out of the plan when the reader starts. Every sample is verified against the
 manifest's digests as its bytes stream through (`_SampleStream`: no second pass over the data); one
 that differs, cannot be decoded or is missing because its shard ends early is counted and its slot
-filled with another sample of the same window, so that batches stay full and step counts equal.
+filled with another sample of the same share, so that batches stay full and step counts equal.
 Strict mode (`strict=True`) instead verifies everything once at start and plans from the readable
 samples only: no sample twice in an epoch. Every event is logged once, on one line, and counted in
 `stats`.
@@ -48,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gd_train.config import ConfigError, latent_shape
+from gd_train.data.buckets import BucketBatch, bucket_batches
 from gd_train.data.shards import (
     SHARD_RE,
     Manifest,
@@ -61,7 +68,7 @@ from gd_train.model.backbone import pad_prompt_embeds
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: per-rank micro-batches consumed, single length
 
 
 @dataclass
@@ -87,6 +94,7 @@ class ShardInfo:
     # What the manifest records, for verifying the bytes while they stream through the reader:
     sha256: Optional[str] = None  # the whole file (manifests without per-sample digests)
     sample_sha256: Optional[tuple[str, ...]] = None  # one `sample_digest` per sample, in stored order
+    latent_frames: Optional[int] = None  # the length of its clips (None: not recorded; read from a sample)
 
 
 def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
@@ -131,7 +139,7 @@ def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
         if samples > 0:
             digests = tuple(record.sample_sha256) if record is not None and record.sample_sha256 is not None else None
             usable.append(ShardInfo(path=path, samples=samples, sha256=record.sha256 if record is not None else None,
-                                    sample_sha256=digests))
+                                    sample_sha256=digests, latent_frames=_recorded_length(manifest, record)))
     if os.path.isdir(spec) and manifests.get(str(Path(paths[0]).parent)) is not None:
         folder = str(Path(paths[0]).parent)
         present = {Path(p).name for p in paths}
@@ -141,10 +149,20 @@ def discover_shards(spec: str) -> tuple[list[ShardInfo], dict[str, str]]:
     return usable, dict(sorted(problems.items()))
 
 
+def _recorded_length(manifest: Optional[Manifest], record) -> Optional[int]:
+    """A shard's latent frames as its manifest records them: per shard, or one length for the folder."""
+    frames = getattr(record, "latent_frames", None) if record is not None else None
+    if frames is None and manifest is not None:
+        shape = manifest.settings.get("latent_shape")
+        frames = shape[1] if shape else None
+    return int(frames) if frames is not None else None
+
+
 def check_latent_shape(cfg, shards: Optional[Sequence[ShardInfo]] = None) -> None:
-    """The shards' latent shape against the config's video settings: from the manifest, or else from
-    the first sample of the first shard (one sample read, not the data set)."""
-    expected = tuple(latent_shape(cfg))
+    """The shards' latent channels and size (C, H, W) against the config's video settings: from the
+    manifest, or else from the first sample of the first shard (one sample read, not the data set). The
+    length is each shard's own (a run trains on whatever lengths the data holds)."""
+    c, _, h, w = latent_shape(cfg)
     try:
         manifest = Manifest.load(cfg.data.shards) if os.path.isdir(cfg.data.shards) else None
     except ShardFormatError:  # reported where the shards are discovered; the samples tell the shape
@@ -155,19 +173,23 @@ def check_latent_shape(cfg, shards: Optional[Sequence[ShardInfo]] = None) -> Non
         first = _SampleStream((Piece(shards[0].path, 0, 1),), 0, None, {}).take(1, _Report())
         stored = tuple(first[0].latents.shape) if first else None
         where = f"{shards[0].path} holds"
-    if stored is not None and tuple(stored) != expected:
-        raise ConfigError(f"key 'data.shards': {where} latents {tuple(stored)}, the config's video settings "
-                          f"(video.num_frames, video.height, video.width) give {expected}")
+    if stored is not None and (stored[0], stored[2], stored[3]) != (c, h, w):
+        frames = "F" if stored[1] is None else stored[1]
+        raise ConfigError(f"key 'data.shards': {where} latents ({stored[0]}, {frames}, {stored[2]}, {stored[3]}), "
+                          f"the config's video settings (video.height, video.width) give ({c}, F, {h}, {w})")
 
 
-def scan_unreadable(shards: Sequence[ShardInfo], expected_latent_shape: Optional[tuple[int, ...]]
+def scan_unreadable(shards: Sequence[ShardInfo], expected_chw: Optional[tuple[int, int, int]]
                     ) -> dict[str, list[int]]:
     """Strict mode's pass at start: the stored index of every sample of `shards` that does not verify
     or decode (each damage logged once, on one line), by shard path."""
     by_path = {s.path: s for s in shards}
     found: dict[str, list[int]] = {}
     for shard in shards:
-        stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, expected_latent_shape, by_path)
+        shape = None
+        if expected_chw is not None and shard.latent_frames is not None:
+            shape = (expected_chw[0], shard.latent_frames, expected_chw[1], expected_chw[2])
+        stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, shape, by_path)
         for index, item in enumerate(stream._items):
             if isinstance(item, _Damage):
                 found.setdefault(shard.path, []).append(index)
@@ -219,7 +241,7 @@ def _expand(spec: str) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The epoch plan (pure, identical on every rank)
+# The epoch plan (pure, identical on every rank, independent of the world size)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Piece:
@@ -231,20 +253,33 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class WorkerPlan:
-    """What one logical DataLoader worker yields in an epoch."""
+class StepPlan:
+    """One optimizer step of an epoch: its length and which block of its bucket's stream it reads."""
 
-    worker: int
-    pieces: tuple[Piece, ...]
-    num_batches: int
-    seed: int  # of this worker's window shuffles
+    index: int  # step within the epoch
+    latent_frames: int
+    block: int  # block of `samples_per_step` samples in the bucket's stream
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    steps: int
-    dropped_tail: int
-    workers: tuple[WorkerPlan, ...]
+    steps: tuple[StepPlan, ...]
+    dropped_tail: int  # samples past the last whole step of each bucket
+    streams: dict[int, tuple[ShardInfo, ...]]  # each bucket's shards, laid end to end in this epoch's order
+    batches: dict[int, BucketBatch]
+
+    def pieces(self, step: StepPlan, rank: int) -> tuple[Piece, ...]:
+        """Rank `rank`'s contiguous share of the step's block (a few pieces of one or two shards)."""
+        batch = self.batches[step.latent_frames]
+        begin = step.block * batch.samples_per_step + rank * batch.samples_per_rank
+        return _slice(self.streams[step.latent_frames], begin, begin + batch.samples_per_rank)
+
+    def histogram(self) -> dict[int, int]:
+        """Steps per bucket (latent frames -> steps) in this epoch."""
+        counts: dict[int, int] = {}
+        for step in self.steps:
+            counts[step.latent_frames] = counts.get(step.latent_frames, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def _derive_seed(*parts: Any) -> int:
@@ -253,32 +288,40 @@ def _derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def plan_epoch(shards: Sequence[ShardInfo], *, epoch: int, seed: int, rank: int, world_size: int,
-               num_workers: int, micro_batch_size: int, resampled: bool) -> EpochPlan:
-    total = sum(s.samples for s in shards)
-    global_batch = world_size * micro_batch_size
-    steps = total // global_batch
-    per_rank = steps * micro_batch_size
-    workers = max(1, num_workers)
-    batches = [len(range(w, steps, workers)) for w in range(workers)]  # worker w serves batches w, w+W, ...
-    plans = []
-    if resampled:
-        for w in range(workers):
-            wseed = _derive_seed("resample", seed, epoch, rank, w)
-            plans.append(WorkerPlan(w, _resampled_pieces(shards, batches[w] * micro_batch_size, wseed), batches[w],
-                                    _derive_seed("shuffle", seed, epoch, rank, w)))
-        return EpochPlan(steps=steps, dropped_tail=0, workers=tuple(plans))
-
-    order = list(shards)
-    random.Random(_derive_seed("shard-order", seed, epoch)).shuffle(order)
-    span_start = rank * per_rank
-    offset = span_start
-    for w in range(workers):
-        count = batches[w] * micro_batch_size
-        plans.append(WorkerPlan(w, _slice(order, offset, offset + count), batches[w],
-                                _derive_seed("shuffle", seed, epoch, rank, w)))
-        offset += count
-    return EpochPlan(steps=steps, dropped_tail=total - steps * global_batch, workers=tuple(plans))
+def plan_epoch(buckets: dict[int, Sequence[ShardInfo]], batches: dict[int, BucketBatch], *, epoch: int, seed: int,
+               shuffle_buffer: int, resampled: bool) -> EpochPlan:
+    """Per bucket: its shards in an order drawn from (seed, epoch, length) — or drawn with replacement
+    (`resampled`) — cut into blocks of one step's samples (the rest is the bucket's dropped tail); blocks
+    are permuted within windows of `shuffle_buffer` samples. Then the steps of all buckets are
+    interleaved in an order drawn from (seed, epoch). Nothing here depends on the rank or world size."""
+    streams, labels, dropped = {}, [], 0
+    for frames in sorted(buckets):
+        shards, per_step = list(buckets[frames]), batches[frames].samples_per_step
+        total = sum(s.samples for s in shards)
+        steps = total // per_step
+        if resampled:
+            rng, order, drawn = random.Random(_derive_seed("resample", seed, epoch, frames)), [], 0
+            while drawn < steps * per_step:
+                order.append(shards[rng.randrange(len(shards))])
+                drawn += order[-1].samples
+        else:
+            order = shards
+            random.Random(_derive_seed("shard-order", seed, epoch, frames)).shuffle(order)
+            dropped += total - steps * per_step
+        streams[frames] = tuple(order)
+        window = max(1, shuffle_buffer // per_step)
+        blocks = list(range(steps))
+        for start in range(0, steps, window):
+            part = blocks[start:start + window]
+            random.Random(_derive_seed("blocks", seed, epoch, frames, start)).shuffle(part)
+            blocks[start:start + window] = part
+        labels.extend((frames, block) for block in blocks)
+    # Interleave the buckets: shuffle which bucket each step reads, keeping each bucket's block order.
+    kinds = [frames for frames, _ in labels]
+    random.Random(_derive_seed("bucket-order", seed, epoch)).shuffle(kinds)
+    queues = {frames: iter([b for f, b in labels if f == frames]) for frames in streams}
+    steps = tuple(StepPlan(i, frames, next(queues[frames])) for i, frames in enumerate(kinds))
+    return EpochPlan(steps=steps, dropped_tail=dropped, streams=streams, batches=dict(batches))
 
 
 def _slice(order: Sequence[ShardInfo], begin: int, end: int) -> tuple[Piece, ...]:
@@ -291,16 +334,6 @@ def _slice(order: Sequence[ShardInfo], begin: int, end: int) -> tuple[Piece, ...
         position += shard.samples
         if position >= end:
             break
-    return tuple(pieces)
-
-
-def _resampled_pieces(shards: Sequence[ShardInfo], count: int, seed: int) -> tuple[Piece, ...]:
-    rng, pieces = random.Random(seed), []
-    while count > 0:
-        shard = shards[rng.randrange(len(shards))]
-        take = min(count, shard.samples)
-        pieces.append(Piece(shard.path, 0, take))
-        count -= take
     return tuple(pieces)
 
 
@@ -326,80 +359,85 @@ class _Damage:
     shard_broken: bool  # the tar itself ended early (not just one undecodable sample)
 
 
+
+@dataclass
+class StepBatches:
+    """One optimizer step's data on one rank: `accumulation_steps` micro-batches of one length."""
+
+    epoch: int
+    index: int  # step within the epoch
+    latent_frames: int
+    micro_batches: list[Batch]
+
+    @property
+    def samples(self) -> int:
+        return sum(len(b.keys) for b in self.micro_batches)
+
+
 @dataclass(frozen=True)
-class _Assignment:
-    plan: WorkerPlan
-    first_batch: int  # batches of this worker already consumed (resume)
+class _StepWork:
+    step: StepPlan
+    pieces: tuple[Piece, ...]
+    batch: BucketBatch
+    shuffle_seed: Optional[int]  # of this rank's samples within the step (None: stored order)
 
 
 class _EpochDataset(IterableDataset):
-    """Yields (Batch, _Report) for the assignment of the DataLoader worker it runs in.
+    """Yields (StepBatches, _Report) for the steps of the DataLoader worker it runs in.
 
-    Loader worker i gets assignments[i]; the DataLoader's round-robin over workers then returns
-    batches in plan order (i = 0, 1, ..., W-1, 0, 1, ...), which is why assignments are rotated on
-    resume so that the worker owning the next batch comes first.
-    """
+    Loader worker i gets work[i] (steps start+i, start+i+W, ...); the DataLoader's round-robin over
+    workers then returns the steps in plan order."""
 
-    def __init__(self, assignments: Sequence[_Assignment], *, micro_batch_size: int, window_batches: int,
-                 shuffle: bool, max_text_tokens: int, expected_latent_shape: Optional[tuple[int, ...]],
-                 fallback: Sequence[ShardInfo]):
-        self.assignments = list(assignments)
-        self.micro_batch_size = micro_batch_size
-        self.window_batches = window_batches
-        self.shuffle = shuffle
+    def __init__(self, work: Sequence[Sequence[_StepWork]], *, epoch: int, max_text_tokens: int,
+                 expected_chw: Optional[tuple[int, int, int]], buckets: dict[int, Sequence[ShardInfo]]):
+        self.work = [list(w) for w in work]
+        self.epoch = epoch
         self.max_text_tokens = max_text_tokens
-        self.expected_latent_shape = expected_latent_shape
-        self.fallback = list(fallback)
-        self._by_path = {shard.path: shard for shard in self.fallback}
+        self.expected_chw = expected_chw
+        self.buckets = {f: list(s) for f, s in buckets.items()}
+        self._by_path = {shard.path: shard for shards in self.buckets.values() for shard in shards}
 
-    def __iter__(self) -> Iterator[tuple[Batch, _Report]]:
+    def __iter__(self) -> Iterator[tuple[StepBatches, _Report]]:
         info = get_worker_info()
-        if info is None:  # num_workers = 0: one logical worker, in this process
-            assert len(self.assignments) == 1
-            yield from self._run(self.assignments[0])
-        else:
-            yield from self._run(self.assignments[info.id])
+        for work in self.work[info.id if info is not None else 0]:
+            yield self._read(work)
 
-    def _run(self, assignment: _Assignment) -> Iterator[tuple[Batch, _Report]]:
-        plan, B = assignment.plan, self.micro_batch_size
-        window_size = self.window_batches * B
-        first_window = assignment.first_batch // self.window_batches
-        stream = _SampleStream(plan.pieces, first_window * window_size, self.expected_latent_shape,
-                               self._by_path)
-        for window in range(first_window, math.ceil(plan.num_batches / self.window_batches)):
-            batches_here = min(self.window_batches, plan.num_batches - window * self.window_batches)
-            report = _Report()
-            good = stream.take(batches_here * B, report)
-            if self.shuffle:
-                random.Random(_derive_seed(plan.seed, window)).shuffle(good)
-            slots = batches_here * B
-            if len(good) < slots:
-                # Donors come from this window only (or a fixed fallback), never from an earlier window:
-                # a resumed worker has not read those, and must fill the slots exactly as before.
-                donors = good or self._any_readable_sample()
-                report.repeated_samples = slots - len(good)
-                report.messages.append(f"worker {plan.worker} window {window}: {slots - len(good)} unreadable "
-                                       f"sample(s) replaced by repeats of readable ones (keeps batches full)")
-                good = good + [donors[i % len(donors)] for i in range(slots - len(good))]
-            skip = assignment.first_batch - window * self.window_batches if window == first_window else 0
-            if skip > 0:
-                report = _Report()  # the original run already counted this window's events
-            for b in range(skip, batches_here):
-                yield self._collate(good[b * B:(b + 1) * B]), report
-                report = _Report()
+    def _shape(self, frames: int) -> Optional[tuple[int, ...]]:
+        if self.expected_chw is None:
+            return None
+        c, h, w = self.expected_chw
+        return (c, frames, h, w)
 
-    def _any_readable_sample(self) -> list[TeacherSample]:
-        """Rare: a whole window unreadable. Borrow the first readable sample of the data set (the
-        same one every time); with none at all the data set is gone and we say so."""
-        for shard in self.fallback:
-            stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self.expected_latent_shape,
-                                   self._by_path)
+    def _read(self, work: _StepWork) -> tuple[StepBatches, _Report]:
+        frames, batch, report = work.step.latent_frames, work.batch, _Report()
+        slots = batch.samples_per_rank
+        good = _SampleStream(work.pieces, 0, self._shape(frames), self._by_path).take(slots, report)
+        if work.shuffle_seed is not None:
+            random.Random(work.shuffle_seed).shuffle(good)
+        if len(good) < slots:
+            # Donors come from this step's share only (or a fixed fallback of the same length): a resumed
+            # run has not read anything else, and must fill the slots exactly as before.
+            donors = good or self._any_readable_sample(frames)
+            report.repeated_samples = slots - len(good)
+            report.messages.append(f"step {work.step.index} ({frames} latent frames): {slots - len(good)} unreadable "
+                                   f"sample(s) replaced by repeats of readable ones (keeps batches full)")
+            good = good + [donors[i % len(donors)] for i in range(slots - len(good))]
+        m = batch.micro_batch_size
+        micro = [self._collate(good[i * m:(i + 1) * m]) for i in range(batch.accumulation_steps)]
+        return StepBatches(self.epoch, work.step.index, frames, micro), report
+
+    def _any_readable_sample(self, frames: int) -> list[TeacherSample]:
+        """Rare: a whole share unreadable. Borrow the first readable sample of this length (the same one
+        every time); with none at all the bucket is gone and we say so."""
+        shards = self.buckets.get(frames, [])
+        for shard in shards:
+            stream = _SampleStream((Piece(shard.path, 0, shard.samples),), 0, self._shape(frames), self._by_path)
             for _ in range(shard.samples):
                 found = stream.take(1, _Report())
                 if found:
                     return found
-        raise ShardFormatError(f"no readable sample in any of {len(self.fallback)} shard(s) "
-                               f"(first: {self.fallback[0].path if self.fallback else '-'})")
+        raise ShardFormatError(f"no readable sample of {frames} latent frames in any of {len(shards)} shard(s) "
+                               f"(first: {shards[0].path if shards else '-'})")
 
     def _collate(self, samples: list[TeacherSample]) -> Batch:
         return Batch(latents=torch.stack([s.latents.float() for s in samples]),
@@ -561,16 +599,20 @@ def _identity(item: Any) -> Any:
     return item
 
 
+
 # --------------------------------------------------------------------------------------------------
 # The reader
 # --------------------------------------------------------------------------------------------------
 class ShardReader:
-    """Batches of teacher samples for one rank; see the module docstring for the guarantees."""
+    """Steps of teacher samples for one rank; see the module docstring for the guarantees."""
 
     def __init__(self, shards: str, *, rank: int, world_size: int, micro_batch_size: int, num_workers: int,
                  seed: int, max_text_tokens: int, shuffle_buffer: int = 0, resampled: bool = False,
                  expected_latent_shape: Optional[Sequence[int]] = None, on_damage: str = "continue",
-                 strict: bool = False, gather: Optional[Callable[[Any], list[Any]]] = None):
+                 strict: bool = False, gather: Optional[Callable[[Any], list[Any]]] = None,
+                 global_batch_size: Optional[int] = None, batch_unit: str = "samples",
+                 micro_batch_policy: str = "fixed", micro_batch_table: Optional[dict[str, int]] = None,
+                 latent_frames_range: tuple[Optional[int], Optional[int]] = (None, None)):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if micro_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
@@ -579,34 +621,49 @@ class ShardReader:
         self.spec, self.rank, self.world_size = shards, rank, world_size
         self.micro_batch_size, self.num_workers, self.seed = micro_batch_size, num_workers, seed
         self.max_text_tokens, self.shuffle_buffer, self.resampled = max_text_tokens, shuffle_buffer, resampled
-        self.expected_latent_shape = tuple(expected_latent_shape) if expected_latent_shape else None
-        # A window is a whole number of batches, so a resume point always falls on a batch boundary.
-        self.window_batches = max(1, math.ceil(shuffle_buffer / micro_batch_size))
+        shape = tuple(expected_latent_shape) if expected_latent_shape else None
+        # (C, H, W) checked on every sample; a 4-tuple (C, F, H, W) also fixes the length.
+        self.expected_chw = (shape[0], shape[-2], shape[-1]) if shape else None
+        low, high = latent_frames_range
+        if shape is not None and len(shape) == 4:
+            low, high = shape[1], shape[1]
 
         self.shards, problems = discover_shards(shards)
         refuse_damaged(problems, on_damage)
         if rank == 0:  # the same on every rank: reported once
             for line in problems.values():
                 log.warning("skipping shard: %s", line)
+        self.shards = _with_lengths(self.shards)
+        self.shards, outside = _within(self.shards, low, high)
+        if rank == 0 and outside:
+            log.warning("leaving out %s", outside)
         self.excluded_samples = 0
         if strict:
             self.shards = self._exclude_unreadable(gather)
+        self.buckets: dict[int, list[ShardInfo]] = {}
+        for shard in self.shards:
+            self.buckets.setdefault(shard.latent_frames, []).append(shard)
         self.samples_per_epoch = sum(s.samples for s in self.shards)
-        if self.samples_per_epoch < world_size * micro_batch_size:
+        self.batches = bucket_batches(self.buckets, world_size=world_size, micro_batch_size=micro_batch_size,
+                                      global_batch_size=global_batch_size, batch_unit=batch_unit,
+                                      policy=micro_batch_policy, table=micro_batch_table)
+        if not any(sum(s.samples for s in self.buckets[f]) >= b.samples_per_step for f, b in self.batches.items()):
+            need = min((b.samples_per_step for b in self.batches.values()), default=world_size * micro_batch_size)
             raise ConfigError(
                 f"key 'data.shards': '{shards}' holds {self.samples_per_epoch} readable sample(s) in "
-                f"{len(self.shards)} shard(s), fewer than world_size x micro_batch_size = "
-                f"{world_size * micro_batch_size}: not one step is possible")
+                f"{len(self.shards)} shard(s) ({_describe(self.buckets)}), no length with one step's "
+                f"{need} samples: not one step is possible")
         self._epoch, self._consumed = 0, 0
         self._corrupt_shards: set[str] = set(problems)
         self._skipped = sorted(problems)  # left out at start: the same on every rank
         self._counters = {"corrupt_samples": 0, "repeated_samples": 0}
+        self._plans: dict[int, EpochPlan] = {}
 
     def _exclude_unreadable(self, gather: Optional[Callable[[Any], list[Any]]]) -> list[ShardInfo]:
         """Strict mode: scan the shards once (rank r the r-th share when `gather`, an all-gather over the
         ranks, is given; all of them otherwise) and plan from the readable samples only."""
         share = self.shards[self.rank::self.world_size] if gather else self.shards
-        found = scan_unreadable(share, self.expected_latent_shape)
+        found = scan_unreadable(share, self.expected_chw)
         if gather:
             merged: dict[str, list[int]] = {}
             for part in gather(found):
@@ -622,48 +679,61 @@ class ShardReader:
 
     @classmethod
     def from_config(cls, cfg, *, rank: int, world_size: int,
-                    gather: Optional[Callable[[Any], list[Any]]] = None) -> "ShardReader":
-        expected = latent_shape(cfg)
+                    gather: Optional[Callable[[Any], list[Any]]] = None,
+                    global_batch_size: Optional[int] = None) -> "ShardReader":
+        """The reader of a run: `global_batch_size` is the trainer's (None: one micro-batch per step)."""
+        c, _, h, w = latent_shape(cfg)
         check_latent_shape(cfg)
-        return cls(cfg.data.shards, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
-                   num_workers=cfg.data.num_workers, seed=cfg.seed, max_text_tokens=cfg.model.max_text_tokens,
-                   shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                   expected_latent_shape=expected, on_damage=cfg.data.on_damage, strict=cfg.data.strict, gather=gather)
+        t, d = cfg.train, cfg.data
+        frames = tuple(None if n is None else latent_frames_of(int(n), f"data.{k}")
+                       for n, k in ((d.min_frames, "min_frames"), (d.max_frames, "max_frames")))
+        return cls(d.shards, rank=rank, world_size=world_size, micro_batch_size=t.micro_batch_size,
+                   num_workers=d.num_workers, seed=cfg.seed, max_text_tokens=cfg.model.max_text_tokens,
+                   shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, expected_latent_shape=(c, h, w),
+                   on_damage=d.on_damage, strict=d.strict, gather=gather, global_batch_size=global_batch_size,
+                   batch_unit=t.batch_unit, micro_batch_policy=t.micro_batch_policy,
+                   micro_batch_table=dict(t.micro_batch_table), latent_frames_range=frames)
 
     # ----------------------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        """Identical on every rank: computed from the shard list, never from what a rank has read."""
-        return self.samples_per_epoch // (self.world_size * self.micro_batch_size)
+        """Optimizer steps per epoch, identical on every rank: computed from the shard list, never from
+        what a rank has read."""
+        return len(self.plan(self._epoch).steps)
 
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                          num_workers=self.num_workers, micro_batch_size=self.micro_batch_size,
-                          resampled=self.resampled)
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.buckets, self.batches, epoch=epoch, seed=self.seed,
+                                             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled)}
+        return self._plans[epoch]
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """This rank's batches of `epoch`, continuing after a restored position of that epoch."""
+    def steps(self, epoch: int) -> Iterator[StepBatches]:
+        """This rank's steps of `epoch`, continuing after a restored position of that epoch."""
         start = self._consumed if epoch == self._epoch else 0
         self._epoch, self._consumed = epoch, start
         plan = self.plan(epoch)
-        if start >= plan.steps:
+        if start >= len(plan.steps):
             return
-        workers = len(plan.workers)
-        # Plan batch j is served by worker j % W; the first loader worker must own batch `start`.
-        assignments = [_Assignment(plan.workers[(start + i) % workers],
-                                   first_batch=len(range((start + i) % workers, start, workers)))
-                       for i in range(workers)]
-        dataset = _EpochDataset(assignments, micro_batch_size=self.micro_batch_size,
-                                window_batches=self.window_batches, shuffle=self.shuffle_buffer > 0,
-                                max_text_tokens=self.max_text_tokens,
-                                expected_latent_shape=self.expected_latent_shape, fallback=self.shards)
+        workers = max(1, self.num_workers)
+        work = [[_StepWork(step, plan.pieces(step, self.rank), plan.batches[step.latent_frames],
+                           _derive_seed("shuffle", self.seed, epoch, step.index, self.rank)
+                           if self.shuffle_buffer > 0 else None)
+                 for step in plan.steps[start + i::workers]] for i in range(workers)]
+        dataset = _EpochDataset(work, epoch=epoch, max_text_tokens=self.max_text_tokens,
+                                expected_chw=self.expected_chw, buckets=self.buckets)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             pin_memory=torch.cuda.is_available())
-        for batch, report in loader:
+        for step_batches, report in loader:
             self._absorb(report)
             self._consumed += 1  # counted before the hand-over: a checkpoint taken after it resumes past it
-            yield batch
-        if self._consumed != plan.steps:  # the plan guarantees this; a mismatch is a bug, not bad data
-            raise RuntimeError(f"rank {self.rank}: epoch {epoch} gave {self._consumed} batches, planned {plan.steps}")
+            yield step_batches
+        if self._consumed != len(plan.steps):  # the plan guarantees this; a mismatch is a bug, not bad data
+            raise RuntimeError(f"rank {self.rank}: epoch {epoch} gave {self._consumed} steps, "
+                               f"planned {len(plan.steps)}")
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's micro-batches of `epoch`, in order (the steps' micro-batches one after another)."""
+        for step in self.steps(epoch):
+            yield from step.micro_batches
 
     def _absorb(self, report: _Report) -> None:
         self._counters["corrupt_samples"] += report.corrupt_samples
@@ -674,40 +744,97 @@ class ShardReader:
 
     # ----------------------------------------------------------------------------------------------
     def _layout(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "num_workers": max(1, self.num_workers),
-                "micro_batch_size": self.micro_batch_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
-                "resampled": self.resampled,
+        """What fixes the sample content of every step, independent of the world size."""
+        return {"seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "resampled": self.resampled,
+                "samples_per_step": {str(f): b.samples_per_step for f, b in sorted(self.batches.items())},
                 "shards": hashlib.sha256(repr([(Path(s.path).name, s.samples) for s in self.shards]).encode()).hexdigest()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "rank": self.rank, "epoch": self._epoch,
-                "batches_consumed": self._consumed, "layout": self._layout(), "counters": dict(self._counters),
+        """The position is global: (epoch, steps consumed) in a plan that all ranks share and that does
+        not depend on the world size, so any number of ranks can continue it."""
+        plan = self.plan(self._epoch)
+        upcoming = plan.steps[self._consumed] if self._consumed < len(plan.steps) else None
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size, "epoch": self._epoch,
+                "steps_consumed": self._consumed, "steps_in_epoch": len(plan.steps),
+                "next_latent_frames": upcoming.latent_frames if upcoming else None,
+                "bucket_steps": {str(f): n for f, n in plan.histogram().items()},
+                "layout": self._layout(), "counters": dict(self._counters),
                 "corrupt_shards": sorted(self._corrupt_shards), "skipped_shards": sorted(self._skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
-        saved, now = state["layout"], self._layout()
-        if saved != now:
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"reader state version {version!r}, expected {STATE_VERSION}")
+        epoch = int(state["epoch"])
+        steps = len(self.plan(epoch).steps)
+        if version == 1:  # a position in per-rank micro-batches of a single-length plan
+            old = state["layout"]
+            fraction = int(state["batches_consumed"]) * old["world_size"] * old["micro_batch_size"] / max(1, self.samples_per_epoch)
+            consumed = min(steps, int(fraction * steps))
+            log.warning("rank %d: reader position of an older format; resuming epoch %d at step %d "
+                        "(approximate: the sample order differs)", self.rank, epoch, consumed)
+        elif state["layout"] != self._layout():
             # Exact continuation needs the same plan. A changed layout or shard set (a shard lost since)
             # still resumes in the same epoch, at the same fraction of it, and says so.
+            saved, now = state["layout"], self._layout()
             changed = sorted(k for k in now if saved.get(k) != now[k])
-            old_global = saved["world_size"] * saved["micro_batch_size"]
-            consumed = min(self.steps_per_epoch(), consumed * old_global // (self.world_size * self.micro_batch_size))
-            log.warning("rank %d: reader position saved under a different %s; resuming epoch %d at batch %d "
+            consumed = min(steps, int(state["steps_consumed"]) * steps // max(1, int(state["steps_in_epoch"])))
+            log.warning("rank %d: reader position saved under a different %s; resuming epoch %d at step %d "
                         "(approximate: the sample order differs)", self.rank, ", ".join(changed), epoch, consumed)
+        else:
+            consumed = int(state["steps_consumed"])
+            if int(state.get("world_size", self.world_size)) != self.world_size and self.rank == 0:
+                log.warning("reader position of %d rank(s) continued on %d: epoch %d from step %d, each step's "
+                            "samples re-split over the ranks (none repeated or skipped)",
+                            int(state["world_size"]), self.world_size, epoch, consumed)
         self._epoch, self._consumed = epoch, consumed
-        self._counters.update({k: int(v) for k, v in state.get("counters", {}).items() if k in self._counters})
+        same_rank = int(state.get("rank", self.rank)) == self.rank and int(state.get("world_size", self.world_size)) == self.world_size
+        if same_rank:  # per-rank counters; on another world size they restart (the totals stay rank 0's)
+            self._counters.update({k: int(v) for k, v in state.get("counters", {}).items() if k in self._counters})
         self._corrupt_shards.update(state.get("corrupt_shards", []))
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        plan = self.plan(self._epoch)
         return {"shards": len(self.shards), "samples_per_epoch": self.samples_per_epoch,
-                "steps_per_epoch": self.steps_per_epoch(), "corrupt_shards": len(self._corrupt_shards),
+                "steps_per_epoch": len(plan.steps), "corrupt_shards": len(self._corrupt_shards),
                 "skipped_shards": len(self._skipped), "excluded_samples": self.excluded_samples,
                 "broken_shards": len(self._corrupt_shards - set(self._skipped)),
                 "corrupt_samples": self._counters["corrupt_samples"],
                 "repeated_samples": self._counters["repeated_samples"],
-                "dropped_tail_samples": self.plan(self._epoch).dropped_tail, "epoch": self._epoch,
-                "batches_consumed": self._consumed}
+                "dropped_tail_samples": plan.dropped_tail, "epoch": self._epoch,
+                "steps_consumed": self._consumed, "bucket_steps": plan.histogram()}
+
+
+def latent_frames_of(pixel_frames: int, key: str) -> int:
+    if pixel_frames < 1 or (pixel_frames - 1) % 4:
+        raise ConfigError(f"key '{key}': {pixel_frames} is not 1 + 4k frames (the Wan VAE compresses time by 4)")
+    return 1 + (pixel_frames - 1) // 4
+
+
+def _with_lengths(shards: Sequence[ShardInfo]) -> list[ShardInfo]:
+    """Every shard with its clip length: the manifest's, else its first sample's (one sample read)."""
+    out = []
+    for shard in shards:
+        if shard.latent_frames is None:
+            first = _SampleStream((Piece(shard.path, 0, 1),), 0, None, {}).take(1, _Report())
+            if not first:
+                continue  # unreadable from its first sample: reported when it is read (or by strict mode)
+            shard = replace(shard, latent_frames=int(first[0].latents.shape[1]))
+        out.append(shard)
+    return out
+
+
+def _within(shards: Sequence[ShardInfo], low: Optional[int], high: Optional[int]) -> tuple[list[ShardInfo], str]:
+    """The shards whose length lies in [low, high] latent frames, and one line on those left out."""
+    kept = [s for s in shards if (low is None or s.latent_frames >= low) and (high is None or s.latent_frames <= high)]
+    out = [s for s in shards if s not in kept]
+    if not out:
+        return kept, ""
+    lengths = sorted({s.latent_frames for s in out})
+    return kept, (f"{len(out)} shard(s), {sum(s.samples for s in out)} sample(s) of {lengths} latent frames: "
+                  f"outside the run's lengths ({low or 1}..{high or 'any'} latent frames, data.min_frames/max_frames)")
+
+
+def _describe(buckets: dict[int, Sequence[ShardInfo]]) -> str:
+    return ", ".join(f"{sum(s.samples for s in shards)} of {f} latent frames" for f, shards in sorted(buckets.items())) or "none"
