@@ -21,9 +21,8 @@ def test_batch_plan_derives_accumulation_and_refuses_what_does_not_divide():
     assert BatchPlan.from_config(load_config("configs/stage2.yaml", ["pretrained_path=null"]).train, 64).accumulation_steps == 4
     with pytest.raises(ConfigError, match=r"1024 is not divisible by train.micro_batch_size 1 x world size 48 = 48"):
         BatchPlan.from_config(paper.train, world_size=48)
-    # Micro-batches of consecutive epochs form one stream; a step may straddle an epoch boundary.
-    assert plan.total_steps(micro_batches_per_epoch=10, epochs=3, max_steps=None) == 1  # 30 // 16
-    assert BatchPlan(4, 1, 2, 2).total_steps(12, 2, max_steps=None) == 12
+    # Steps are whole inside an epoch (the reader plans them); max_steps caps the run.
+    assert plan.total_steps(steps_per_epoch=10, epochs=3, max_steps=None) == 30
     assert BatchPlan(4, 1, 2, 2).total_steps(12, 2, max_steps=5) == 5
 
 
@@ -76,12 +75,16 @@ def test_rl_draw_is_a_function_of_the_step_and_respects_the_score_level():
 
     cfg = load_config("configs/tiny/stage2.yaml")
     objective = RLFineTuneLoss(cfg, GreedyDistillStudent.from_config(cfg), negative_embeds=None)
-    draws = [objective.draw(step) for step in range(1, 200)]
-    assert draws == [objective.draw(step) for step in range(1, 200)]
+    draws = [objective.draw(step, 6) for step in range(1, 200)]
+    assert draws == [objective.draw(step, 6) for step in range(1, 200)]
     assert {d.frame for d in draws} == {1, 2, 3, 4, 5} and {d.timestep for d in draws} == {1000, 750, 500}
+    # f stays inside the step's clips: x_0 .. x_{F-1} of its bucket.
+    assert {objective.draw(step, 3).frame for step in range(1, 200)} == {1, 2}
+    with pytest.raises(ValueError, match="at least 2 latent frames"):
+        objective.draw(1, 1)
     uniform = RLFineTuneLoss(load_config("configs/tiny/stage2.yaml", ["train.rl_score_level=uniform"]),
                              objective.student, negative_embeds=None)
-    assert {uniform.draw(step).timestep for step in range(1, 200)} == {1000, 750, 500, 250}
+    assert {uniform.draw(step, 6).timestep for step in range(1, 200)} == {1000, 750, 500, 250}
     gen = torch.Generator().manual_seed(0)
     assert objective.score_sigma(0, gen) == objective.sigmas[1]  # 'next': the schedule's next level
     assert 0 < uniform.score_sigma(3, gen) < 1

@@ -82,7 +82,7 @@ class NextChunkLoss(_Objective):
         self.first_noisy = 0 if cfg.student.train_first_frame else 1
         self.last_stats: dict[str, float] = {}
 
-    def draw(self, step: int) -> None:  # nothing shared across ranks in stage 1
+    def draw(self, step: int, latent_frames: int) -> None:  # nothing shared across ranks in stage 1
         return None
 
     def inputs(self, batch: Batch, draw: None, seed: int) -> dict:
@@ -160,13 +160,8 @@ class RLFineTuneLoss(_Objective):
 
     def __init__(self, cfg: DictConfig, student: GreedyDistillStudent, negative_embeds: Optional[torch.Tensor]):
         super().__init__()
-        from gd_train.config import latent_shape
-
         self.student = student
         self.seed = int(cfg.seed)
-        self.num_frames = latent_shape(cfg)[1]  # x_0 .. x_{F}: f is drawn from 1 .. F
-        if self.num_frames < 2:
-            raise ValueError(f"key 'video.num_frames': stage 2 needs at least 2 latent frames, got {self.num_frames}")
         self.steps = [int(s) for s in cfg.student.denoising_steps]
         self.flow_shift = float(cfg.student.flow_shift)
         self.sigmas = few_step_sigmas(self.steps, self.flow_shift)
@@ -179,15 +174,20 @@ class RLFineTuneLoss(_Objective):
         self.last_stats: dict[str, float] = {}
 
     # -- the (f, t) agreement -------------------------------------------------------------------------
-    def draw(self, step: int) -> RLDraw:
+    def draw(self, step: int, latent_frames: int) -> RLDraw:
         """Drawn on rank 0 and broadcast, once per minibatch: every rank and every accumulation
         micro-step of the minibatch roll out to the same chunk and take the gradient at the same step
-        (the computation graphs — and so ZeRO's collectives — match across ranks)."""
+        (the computation graphs — and so ZeRO's collectives — match across ranks). f is drawn from
+        1 .. F-1 of the step's clips (x_0 .. x_{F-1}), so a rollout never runs past the clip length the
+        step's bucket was generated at."""
+        if latent_frames < 2:
+            raise ValueError(f"stage 2 needs clips of at least 2 latent frames, the step's have {latent_frames} "
+                             f"(set data.min_frames=5 to leave shorter shards out)")
         # With the 'next' reading the last step's next level is clean data, where both scores return
         # μ itself and the loss vanishes: t is drawn from the steps that have a noisy next level.
         usable_steps = len(self.steps) - 1 if self.score_level == "next" else len(self.steps)
         rng = random.Random(derive_seed("rl-draw", self.seed, step))
-        frame, step_index = rng.randint(1, self.num_frames - 1), rng.randrange(usable_steps)
+        frame, step_index = rng.randint(1, latent_frames - 1), rng.randrange(usable_steps)
         frame, step_index = distributed.broadcast_ints([frame, step_index], src=0)
         return RLDraw(frame=frame, step_index=step_index, timestep=self.steps[step_index])
 

@@ -22,7 +22,8 @@ PREEMPTED_FILE = "preempted.json"  # written after a pre-emption checkpoint; the
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """global batch = micro-batch x gradient-accumulation steps x world size."""
+    """global batch = micro-batch x gradient-accumulation steps x world size, at the shortest length;
+    the reader derives each length's micro-batch and accumulation from it (gd_train.data.buckets)."""
 
     global_batch_size: int
     micro_batch_size: int
@@ -43,10 +44,10 @@ class BatchPlan:
                 f"train.global_batch_size={max(per_step, g // per_step * per_step)})")
         return cls(g, m, world_size, g // per_step)
 
-    def total_steps(self, micro_batches_per_epoch: int, epochs: int, max_steps: Optional[int]) -> int:
-        """Optimizer steps of the run: the data of `epochs` epochs as one stream of micro-batches, cut
-        into accumulation groups (a group may straddle two epochs), capped by `max_steps`."""
-        steps = micro_batches_per_epoch * epochs // self.accumulation_steps
+    def total_steps(self, steps_per_epoch: int, epochs: int, max_steps: Optional[int]) -> int:
+        """Optimizer steps of the run: the reader plans whole steps in every epoch (one length each, the
+        accumulation of that length; gd_train.data.buckets), capped by `max_steps`."""
+        steps = steps_per_epoch * epochs
         return min(steps, max_steps) if max_steps is not None else steps
 
 

@@ -7,8 +7,9 @@ Each rank is started by torchrun (through `launch/`, as `gd-train` and the SLURM
 
 `Trainer` reads top to bottom: `__init__` sets up (config checks, process group, data, student,
 objective, DeepSpeed engine, optional resume); `run()` is the loop — per optimizer step: the
-minibatch's shared draw, `accumulation` micro-steps (forward, one all-reduce for the global loss and
-the finiteness check, backward), logs, sample videos, the pre-emption agreement and the checkpoint.
+step's data (one clip length on every rank, `gd_train.data.reader`), the shared draw, that length's
+accumulation micro-steps (forward, one all-reduce for the global loss and the finiteness check,
+backward), logs, sample videos, the pre-emption agreement and the checkpoint.
 See docs/training.md for the objectives, the run folder and the pre-emption protocol.
 """
 
@@ -24,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 
 from gd_train import checkpoint, distributed
 from gd_train.config import ConfigError, to_yaml
-from gd_train.data.reader import Batch, ShardReader
+from gd_train.data.reader import Batch, ShardReader, StepBatches
 from gd_train.metrics import Metrics, memory_gib, truncate_jsonl
 from gd_train.model.student import GreedyDistillStudent
 from gd_train.train.objectives import build_objective, derive_seed
@@ -105,15 +106,14 @@ class Trainer:
         distributed.barrier()
 
         self.reader = ShardReader.from_config(cfg, rank=dist.rank, world_size=dist.world_size,
-                                              gather=distributed.all_gather_object)
+                                              gather=distributed.all_gather_object,
+                                              global_batch_size=self.plan.global_batch_size)
         self.total_steps = self.plan.total_steps(self.reader.steps_per_epoch(), cfg.train.epochs, cfg.train.max_steps)
         if self.total_steps < 1:
-            raise ConfigError(f"key 'data.shards': {self.reader.steps_per_epoch()} micro-batches per epoch x "
-                              f"{cfg.train.epochs} epochs is less than one optimizer step of "
-                              f"{self.plan.accumulation_steps} accumulation steps")
+            raise ConfigError(f"key 'data.shards': {self.reader.steps_per_epoch()} steps per epoch x "
+                              f"{cfg.train.epochs} epochs is not one optimizer step")
 
         self.student = GreedyDistillStudent.from_config(cfg, device=dist.device)
-        self.student.set_gradient_checkpointing(bool(cfg.student.gradient_checkpointing))
         if cfg.train.init_from is not None:
             self.student.load_adapters(checkpoint.adapters_folder(cfg.train.init_from))
         self.fingerprint = checkpoint.base_fingerprint(self.student)
@@ -127,36 +127,39 @@ class Trainer:
         self.trace = _Trace(run_dir, dist.rank, enabled=bool(cfg.train.trace), resumed_step=self.state.step)
         self.interval = _Interval()
         self.last_batch: Optional[Batch] = None
+        self.checkpointing: Optional[bool] = None  # activation checkpointing, set per step by its length
         self.saved_step = self.state.step
         self.evaluation = None
         if cfg.train.eval_every:  # held-out samples, read once (gd_train/eval/evaluators.py)
             from gd_train.eval.evaluators import Evaluation
 
             self.evaluation = Evaluation(cfg)
-        self._say(f"{cfg.train.stage} on {dist.world_size} rank(s), {self.total_steps} steps of "
-                  f"{self.plan.global_batch_size} samples ({self.plan.micro_batch_size} x "
-                  f"{self.plan.accumulation_steps} accumulation x {dist.world_size} ranks), "
-                  f"{self.reader.steps_per_epoch()} micro-batches per epoch per rank; "
+        self._say(f"{cfg.train.stage} on {dist.world_size} rank(s), {self.total_steps} steps, "
+                  f"{self.reader.steps_per_epoch()} per epoch; {_describe_buckets(self.reader)}; "
                   f"{'resuming after step ' + str(self.state.step) if resume else 'fresh start'}")
 
     # ----------------------------------------------------------------------------------------------
     def run(self) -> None:
         state, plan = self.state, self.plan
-        batches = _micro_batches(self.reader, self.cfg.train.epochs)
+        steps = _steps(self.reader, self.cfg.train.epochs)
         if self.evaluation is not None and state.step == 0:
             self._evaluate(0)  # the untrained student, the reference every later evaluation is read against
         while state.step < self.total_steps:
             step = state.step + 1
-            draw = self.objective.draw(step)  # stage 2: (f, t) from rank 0, the same for the whole minibatch
             step_start = time.perf_counter()
-            losses = self._accumulate(batches, step, draw)  # `accumulation` forward/backward micro-steps
-            if losses is None:  # the data ran out (skipped non-finite micro-batches used some of it)
+            work = next(steps, None)  # this rank's share of the step: one clip length on every rank
+            self.interval.data_wait_s += time.perf_counter() - step_start
+            if work is None:  # cannot happen with total_steps from the plan; kept for a clear message
                 self._say(f"data of {self.cfg.train.epochs} epoch(s) exhausted after step {state.step}")
                 if state.step > self.saved_step:
                     self._checkpoint("final")
                 break
-            state.step, state.samples_seen = step, state.samples_seen + plan.global_batch_size
-            self.interval.add_step(sum(losses) / len(losses), time.perf_counter() - step_start, plan.global_batch_size)
+            draw = self.objective.draw(step, work.latent_frames)  # stage 2: (f, t) from rank 0, for the whole step
+            self._set_checkpointing(work.latent_frames)
+            losses, tokens = self._accumulate(work, step, draw)
+            samples = self.reader.batches[work.latent_frames].samples_per_step
+            state.step, state.samples_seen = step, state.samples_seen + samples
+            self.interval.add_step(losses, time.perf_counter() - step_start, samples, work.latent_frames, tokens)
 
             if step % self.cfg.train.log_every == 0 or step == self.total_steps:
                 self._log(draw)
@@ -176,36 +179,54 @@ class Trainer:
         self.trace.close()
         distributed.barrier()
 
-    def _accumulate(self, batches: Iterator[tuple[int, Batch]], step: int, draw) -> Optional[list[float]]:
-        """Forward and backward over the micro-batches of one optimizer step (DeepSpeed steps the optimizer
-        at the last one). Returns their global mean losses, or None when the data runs out."""
-        losses, attempt = [], 0
-        while len(losses) < self.plan.accumulation_steps:
-            wait_start = time.perf_counter()
-            item = next(batches, None)
-            self.interval.data_wait_s += time.perf_counter() - wait_start
-            if item is None:
-                return None
-            self.state.epoch, batch = item
+    def _accumulate(self, work: StepBatches, step: int, draw) -> tuple[list[float], int]:
+        """Forward and backward over the step's micro-batches; the optimizer steps after the last one.
+        The accumulation is the step's length's (gd_train.data.buckets), so the boundary and the loss
+        scale are set here rather than from DeepSpeed's fixed gradient_accumulation_steps. Returns the
+        micro-batches' global mean losses (none for a skipped one) and the step's tokens (all ranks)."""
+        losses, tokens, count = [], 0, len(work.micro_batches)
+        self.state.epoch = work.epoch
+        for micro, batch in enumerate(work.micro_batches):
             self.last_batch = batch
-            seed = derive_seed("micro-step", self.cfg.seed, self.dist.rank, step, attempt)
+            self.engine.set_gradient_accumulation_boundary(micro == count - 1)
+            seed = derive_seed("micro-step", self.cfg.seed, self.dist.rank, step, micro)
             loss = self.engine(**self.objective.inputs(batch, draw, seed))
             # One all-reduce gives the global loss and whether any rank's is NaN/inf: the ranks skip together.
             finite = bool(torch.isfinite(loss.detach()).item())
             loss_sum, bad_ranks = distributed.all_reduce([float(loss.detach()) if finite else 0.0, float(not finite)])
-            self.trace.write(step=step, micro=attempt, epoch=self.state.epoch, keys=batch.keys,
+            self.trace.write(step=step, micro=micro, epoch=work.epoch, keys=batch.keys,
                              loss=float(loss.detach()), skipped=bad_ranks > 0, draw=draw)
-            attempt += 1
             if bad_ranks > 0:
                 _skip_non_finite(self.state, self.cfg, step, bad_ranks)
-                continue
-            self.state.consecutive_bad = 0
-            self.engine.backward(loss)
+                loss = self._zero_gradient_loss(batch, draw, seed, step)
+            else:
+                self.state.consecutive_bad = 0
+                losses.append(loss_sum / self.dist.world_size)
+            self.engine.backward(loss / count, scale_wrt_gas=False)
             self.engine.step()
-            losses.append(loss_sum / self.dist.world_size)
-            self.interval.tokens += (self.objective.tokens_per_sample(batch, draw) * self.plan.micro_batch_size
-                                     * self.dist.world_size)
-        return losses
+            tokens += self.objective.tokens_per_sample(batch, draw) * len(batch.keys) * self.dist.world_size
+        return losses, tokens
+
+    def _zero_gradient_loss(self, batch: Batch, draw, seed: int, step: int):
+        """A skipped micro-batch still takes its place in the step — every rank's backward must run for
+        ZeRO's gradient reduction at the boundary — with a gradient of exactly zero: the same pass on
+        inputs made finite, times 0. If even that is not finite the weights themselves are broken."""
+        clean = Batch(torch.nan_to_num(batch.latents, nan=0.0, posinf=0.0, neginf=0.0),
+                      torch.nan_to_num(batch.prompt_embeds, nan=0.0, posinf=0.0, neginf=0.0), batch.keys, batch.captions)
+        loss = self.engine(**self.objective.inputs(clean, draw, seed)) * 0.0
+        if distributed.all_reduce([float(not torch.isfinite(loss.detach()).item())])[0] > 0:
+            raise TrainingAborted(f"step {step}: the loss is not finite even on finite inputs (diverged weights?); "
+                                  f"the last complete checkpoint is {checkpoint.latest_tag(self.cfg.output_dir) or 'none'}")
+        return loss
+
+    def _set_checkpointing(self, latent_frames: int) -> None:
+        """Activation checkpointing for this step: on at every length (`gradient_checkpointing`), or
+        from a length on (`gradient_checkpointing_min_frames`)."""
+        threshold = self.cfg.student.gradient_checkpointing_min_frames
+        wanted = bool(self.cfg.student.gradient_checkpointing) or (threshold is not None and latent_frames >= threshold)
+        if wanted != self.checkpointing:
+            self.student.set_gradient_checkpointing(wanted)
+            self.checkpointing = wanted
 
     def _log(self, draw) -> None:
         _log_step(self.metrics, self.engine, self.objective, self.interval, self.state, draw, self.total_steps,
@@ -383,11 +404,17 @@ def _restore(engine, reader: ShardReader, run_dir: Path, fingerprint: str, world
 # --------------------------------------------------------------------------------------------------
 # The loop's pieces
 # --------------------------------------------------------------------------------------------------
-def _micro_batches(reader: ShardReader, epochs: int) -> Iterator[tuple[int, Batch]]:
-    """One stream of (epoch, micro-batch) over the epochs, continuing from the reader's position."""
+def _steps(reader: ShardReader, epochs: int) -> Iterator[StepBatches]:
+    """One stream of steps over the epochs, continuing from the reader's position."""
     for epoch in range(reader.state_dict()["epoch"], epochs):
-        for batch in reader.epoch(epoch):
-            yield epoch, batch
+        yield from reader.steps(epoch)
+
+
+def _describe_buckets(reader: ShardReader) -> str:
+    """Per length: steps per epoch and the step's shape (micro-batch x accumulation x ranks)."""
+    steps = reader.stats["bucket_steps"]
+    return ", ".join(f"F={f}: {steps.get(f, 0)} steps of {b.samples_per_step} ({b.micro_batch_size} x "
+                     f"{b.accumulation_steps} x {b.world_size})" for f, b in sorted(reader.batches.items()))
 
 
 def _skip_non_finite(state: RunState, cfg: DictConfig, step: int, bad_ranks: float) -> None:
@@ -409,16 +436,32 @@ class _Interval:
 
     steps: int = 0
     loss_sum: float = 0.0
+    loss_count: int = 0  # micro-batches with a finite loss
     time_s: float = 0.0
     data_wait_s: float = 0.0
     samples: int = 0
     tokens: int = 0
+    by_length: dict = field(default_factory=dict)  # latent frames -> [steps, seconds, samples, tokens]
 
-    def add_step(self, loss: float, step_time_s: float, samples: int) -> None:
+    def add_step(self, losses: list[float], step_time_s: float, samples: int, latent_frames: int, tokens: int) -> None:
         self.steps += 1
-        self.loss_sum += loss
+        self.loss_sum += sum(losses)
+        self.loss_count += len(losses)
         self.time_s += step_time_s
         self.samples += samples
+        self.tokens += tokens
+        sums = self.by_length.setdefault(latent_frames, [0, 0.0, 0, 0])
+        for i, value in enumerate((1, step_time_s, samples, tokens)):
+            sums[i] += value
+
+    def length_scalars(self) -> dict[str, float]:
+        """Throughput per clip length (this rank's clock: every rank runs the same steps in lockstep)."""
+        out = {}
+        for frames, (steps, seconds, samples, tokens) in sorted(self.by_length.items()):
+            out[f"throughput_by_length/F{frames}/samples_per_s"] = samples / seconds
+            out[f"throughput_by_length/F{frames}/tokens_per_s"] = tokens / seconds
+            out[f"throughput_by_length/F{frames}/steps"] = float(steps)
+        return out
 
 
 def _data_scalars(reader: ShardReader) -> dict[str, float]:
@@ -429,7 +472,8 @@ def _data_scalars(reader: ShardReader) -> dict[str, float]:
     return {"data/corrupt_samples": summed[0], "data/repeated_samples": summed[1], "data/broken_shards": summed[2],
             "data/skipped_shards": float(stats["skipped_shards"]),
             "data/excluded_samples": float(stats["excluded_samples"]),  # strict mode's scan, whole data set
-            "data/dropped_tail_samples": float(stats["dropped_tail_samples"])}
+            "data/dropped_tail_samples": float(stats["dropped_tail_samples"]),
+            **{f"data/bucket_steps_per_epoch/F{f}": float(n) for f, n in stats["bucket_steps"].items()}}
 
 
 def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: RunState, draw, total_steps: int,
@@ -439,7 +483,6 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
         [interval.time_s, interval.data_wait_s, *memory_gib().values()], op="max")
     grad_norm = engine.get_global_grad_norm()
     scalars = {
-        objective.loss_tag: interval.loss_sum / interval.steps,
         "optimisation/lr": float(engine.get_lr()[0]),
         "optimisation/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "optimisation/skipped_micro_steps": float(state.skipped_micro_steps),
@@ -450,14 +493,17 @@ def _log_step(metrics: Metrics, engine, objective, interval: _Interval, state: R
         "progress/epoch": float(state.epoch),
         "progress/samples_seen": float(state.samples_seen),
     }
+    if interval.loss_count:  # none when every micro-batch since the last line was skipped (non-finite)
+        scalars[objective.loss_tag] = interval.loss_sum / interval.loss_count
     scalars.update(dict(zip(memory_gib().keys(), memory)))
+    scalars.update(interval.length_scalars())
     scalars.update(data)
     if draw is not None:
         scalars.update({"rl/f": float(draw.frame), "rl/t": float(draw.timestep)})
         scalars.update({f"rl/{k}": v for k, v in objective.last_stats.items()})
     metrics.log(state.step, scalars)
     if metrics.enabled:
-        print(f"step {state.step}/{total_steps} loss {scalars[objective.loss_tag]:.6f} lr {scalars['optimisation/lr']:.3e} "
+        print(f"step {state.step}/{total_steps} loss {scalars.get(objective.loss_tag, float('nan')):.6f} lr {scalars['optimisation/lr']:.3e} "
               f"grad_norm {scalars['optimisation/grad_norm']:.4f} {scalars['throughput/samples_per_s']:.2f} samples/s "
               f"data_wait {scalars['throughput/data_wait_fraction']:.2%}"
               + (f" f={draw.frame} t={draw.timestep}" if draw is not None else ""), flush=True)
