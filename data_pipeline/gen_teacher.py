@@ -10,8 +10,11 @@ run directly, it starts a private local Ray instance. On a cluster, `output_dir`
 path on a filesystem every node sees (checked: a worker that cannot see it is retired).
 
 What it guarantees:
-- the prompts are cut into shards in CSV order (`samples_per_shard` each), so the layout and, through
-  key-derived seeds, the samples are the same on every run;
+- each prompt gets a length from `datagen.lengths` (data_pipeline/lengths.py: fixed, weighted choices,
+  or the source clip's duration), a function of its key / CSV row only; prompts are grouped by length
+  (shortest first, CSV order inside a length) and each group is cut into shards (`samples_per_shard`
+  each), so every shard holds one length, and the layout and, through key-derived seeds, the samples
+  are the same on every run;
 - a shard appears under its final name only when complete, and `manifest.json` lists the finished ones
   (counts, size, checksums); a rerun of the same command skips them and writes only what is missing;
 - a worker that dies mid-shard (Ray restarts it) or fails has the shard retried, at most
@@ -47,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python data_pipeline/gen_teacher.py` puts only data_pipeline/ on the path
     sys.path.insert(0, str(REPO_ROOT))
 
+from data_pipeline.lengths import LengthPlanner, cost_units, latent_frames, reference_latent_frames  # noqa: E402
 from data_pipeline.prompts import Prompt, PromptReport, read_prompts  # noqa: E402
 from data_pipeline.teacher import (  # noqa: E402
     STORAGE_DTYPES,
@@ -72,8 +76,41 @@ def log(message: str) -> None:
 # Plan and output folder
 # --------------------------------------------------------------------------------------------------
 def plan_shards(prompts: Sequence[Prompt], samples_per_shard: int) -> list[ShardTask]:
-    return [ShardTask(index=i, prompts=tuple(prompts[begin:begin + samples_per_shard]))
-            for i, begin in enumerate(range(0, len(prompts), samples_per_shard))]
+    """Shards of one length each: prompts grouped by planned length (shortest first; CSV order inside
+    a length), each group cut into shards of `samples_per_shard`. One length (mode fixed) gives the
+    CSV-order layout of folders written before per-sample lengths."""
+    groups: dict[Optional[int], list[Prompt]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt.num_frames, []).append(prompt)
+    tasks: list[ShardTask] = []
+    for length in sorted(groups, key=lambda n: (n is not None, n or 0)):
+        group = groups[length]
+        tasks += [ShardTask(index=len(tasks) + i, prompts=tuple(group[begin:begin + samples_per_shard]))
+                  for i, begin in enumerate(range(0, len(group), samples_per_shard))]
+    return tasks
+
+
+def task_latent_frames(cfg, task: ShardTask) -> int:
+    return latent_frames(task.num_frames or cfg.video.num_frames)
+
+
+def length_histogram(cfg, tasks: Sequence[ShardTask]) -> dict[int, int]:
+    """{latent frames: samples} of the tasks, shortest first."""
+    histogram: dict[int, int] = {}
+    for task in tasks:
+        f = task_latent_frames(cfg, task)
+        histogram[f] = histogram.get(f, 0) + len(task.prompts)
+    return dict(sorted(histogram.items()))
+
+
+def cost_line(cfg, histogram: dict[int, int]) -> str:
+    """The plan's rough teacher cost, in teacher-frame-equivalents (data_pipeline/lengths.py)."""
+    ref = reference_latent_frames(cfg)
+    units = cost_units(histogram, ref)
+    lengths = ", ".join(f"{f}: {n}" for f, n in histogram.items())
+    return (f"cost: {units:,.0f} teacher-frame-equivalents (a clip of F latent frames counts F^2/{ref}, "
+            f"{ref} = the latent frames of video.num_frames={cfg.video.num_frames}; = {units / ref:,.1f} clips of "
+            f"{cfg.video.num_frames} frames) for {sum(histogram.values())} samples by latent frames {{{lengths}}}")
 
 
 def manifest_settings(cfg) -> dict[str, Any]:
@@ -112,24 +149,30 @@ def open_output(output_dir: Path, cfg, tasks: Sequence[ShardTask]) -> tuple[Mani
             del manifest.shards[task.name]
         todo.append(task)
     manifest.total_shards = len(tasks)
+    manifest.shard_latent_frames = {t.name: task_latent_frames(cfg, t) for t in tasks}
+    manifest.length_histogram = length_histogram(cfg, tasks)
     manifest.save(output_dir)
     return manifest, todo
 
 
-def estimated_sample_bytes(cfg) -> int:
-    """Upper bound of one sample's size in a shard: latents + prompt embeddings padded to the full text
-    length (stored unpadded, so usually less) + tar headers and JSON."""
+def estimated_sample_bytes(cfg, latent_frames: Optional[int] = None) -> int:
+    """Upper bound of one sample's size in a shard (at `latent_frames`, default video.num_frames'):
+    latents + prompt embeddings padded to the full text length (stored unpadded, so usually less) +
+    tar headers and JSON."""
     from gd_train.config import latent_shape, transformer_arch
 
     itemsize = STORAGE_DTYPES[cfg.datagen.storage_dtype].itemsize
-    latents = math.prod(latent_shape(cfg)) * itemsize
+    latents = math.prod(latent_shape(cfg, latent_frames)) * itemsize
     embeds = cfg.model.max_text_tokens * transformer_arch(cfg)["text_dim"] * itemsize
     return latents + embeds + 8192
 
 
-def check_free_disk(cfg, output_dir: Path, samples_to_write: int) -> None:
-    """Refuse at start, not days later: the shards still to write plus the configured headroom must fit."""
-    needed = samples_to_write * estimated_sample_bytes(cfg) + int(cfg.datagen.min_free_disk_gb * 2**30)
+def check_free_disk(cfg, output_dir: Path, to_write: dict[int, int]) -> None:
+    """Refuse at start, not days later: the samples still to write ({latent frames: samples}, each at
+    its own size) plus the configured headroom must fit."""
+    samples_to_write = sum(to_write.values())
+    data_bytes = sum(n * estimated_sample_bytes(cfg, f) for f, n in to_write.items())
+    needed = data_bytes + int(cfg.datagen.min_free_disk_gb * 2**30)
     probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
     free = shutil.disk_usage(probe).free
     if free < needed:
@@ -138,7 +181,7 @@ def check_free_disk(cfg, output_dir: Path, samples_to_write: int) -> None:
             remedies = "free space, use another output_dir, or store datagen.storage_dtype=bfloat16 (half the bytes)"
         raise ConfigError(
             f"output_dir '{output_dir}': {free / 2**30:.1f} GiB free, but {samples_to_write} samples need up to "
-            f"{samples_to_write * estimated_sample_bytes(cfg) / 2**30:.1f} GiB plus datagen.min_free_disk_gb="
+            f"{data_bytes / 2**30:.1f} GiB plus datagen.min_free_disk_gb="
             f"{cfg.datagen.min_free_disk_gb:g} GiB headroom; {remedies}")
 
 
@@ -154,6 +197,7 @@ def check_datagen(cfg) -> None:
     for ok, key, expected in problems:
         if not ok:
             raise ConfigError(f"key '{key}': expected {expected}, got {OmegaConf.select(cfg, key)!r}")
+    LengthPlanner.from_config(cfg)  # datagen.lengths, one line naming the key
     if cfg.prompts_csv is None:
         raise ConfigError("key 'prompts_csv': not set (give prompts_csv=PATH to an OpenVidHD-layout CSV)")
 
@@ -324,10 +368,12 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
 
     def record(result: ShardResult, task: ShardTask, attempt: int) -> None:
         planned = keys_digest(p.key for p in task.prompts)
-        if result.record.keys_sha256 != planned or result.record.samples != len(task.prompts):
+        if (result.record.keys_sha256 != planned or result.record.samples != len(task.prompts)
+                or result.record.latent_frames != task_latent_frames(cfg, task)):
             # Never expected; checked because the manifest is what "exactly once" rests on.
             (output_dir / task.name).unlink(missing_ok=True)
-            fail_attempt(task, attempt, f"wrote {result.record.samples} samples / other keys than planned")
+            fail_attempt(task, attempt, f"wrote {result.record.samples} samples of {result.record.latent_frames} "
+                                        "latent frames / other keys or length than planned")
             return
         manifest.shards[result.name] = result.record
         manifest.save(output_dir)
@@ -443,29 +489,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if joins_cluster() and not output_dir.is_absolute():
             raise ConfigError(f"key 'output_dir': '{cfg.output_dir}' is relative; on a Ray cluster give an absolute "
                               "path on a filesystem every node sees (the job runs in a temporary copy of the working dir)")
-        prompts, prompt_report = read_prompts(cfg.prompts_csv, cfg.datagen.filters)
+        prompts, prompt_report = read_prompts(cfg.prompts_csv, cfg.datagen.filters, LengthPlanner.from_config(cfg))
         for line in prompt_report.summary_lines():
             log(line)
         if not prompts:
             raise ConfigError(f"prompts_csv '{cfg.prompts_csv}': no usable prompt ({prompt_report.rows} rows, "
                               f"{len(prompt_report.bad_rows)} bad, {sum(prompt_report.filtered.values())} filtered)")
         tasks = plan_shards(prompts, cfg.datagen.samples_per_shard)
+        log(cost_line(cfg, length_histogram(cfg, tasks)))
         if args.check:  # what a cluster script runs before it starts any node: no side effects
             if cfg.pretrained_path is not None:
                 check_pretrained_folder(cfg.pretrained_path, parts=("transformer", "vae", "text_encoder", "tokenizer"))
-            check_free_disk(cfg, output_dir.resolve(), len(prompts))
+            check_free_disk(cfg, output_dir.resolve(), length_histogram(cfg, tasks))
             log(f"check: {len(prompts)} prompts in {len(tasks)} shard(s) for {output_dir.resolve()}: ok")
             return 0
         manifest, todo = open_output(output_dir.resolve(), cfg, tasks)
-        check_free_disk(cfg, output_dir.resolve(), sum(len(t.prompts) for t in todo))
+        check_free_disk(cfg, output_dir.resolve(), length_histogram(cfg, todo))
     except (ConfigError, ShardFormatError) as exc:
         print(f"gen_teacher: error: {exc}", file=sys.stderr)
         return 2
     output_dir = output_dir.resolve()
     total_samples = len(prompts)
     already = len(tasks) - len(todo)
-    log(f"plan: {total_samples} prompts in {len(tasks)} shard(s) of <= {cfg.datagen.samples_per_shard}; "
-        f"{already} already finished, {len(todo)} to write into {output_dir}")
+    log(f"plan: {total_samples} prompts in {len(tasks)} shard(s) of <= {cfg.datagen.samples_per_shard}, one length "
+        f"each; {already} already finished, {len(todo)} to write into {output_dir}")
     progress = Progress(len(tasks), already, total_samples, manifest.total_samples, cfg.datagen.progress_every_s)
     outcome = Outcome()
     stop = StopRequest()
@@ -483,6 +530,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "shards": {"planned": len(tasks), "already_done": already, "written": len(outcome.written),
                    "failed": outcome.failed_shards, "finished": len(manifest.shards)},
         "samples_in_finished_shards": manifest.total_samples,
+        "length_histogram": {str(f): n for f, n in manifest.length_histogram.items()},
         "failed_attempts": [asdict(a) for a in outcome.failed_attempts],
         "retired_workers": outcome.retired_workers,
         "previews": sum(r.previews for r in outcome.written),

@@ -7,7 +7,7 @@ header, and each report also gives the line the record starts on.
 
 A file that is not such a CSV (missing, empty, no `caption` column, a column a filter needs absent)
 fails at once with one line (`PromptFileError`). A bad row (wrong number of fields, empty caption,
-unreadable score, duplicate video name) is counted and listed with its row number; it never stops the
+unreadable score, duplicate video name, no readable duration under `datagen.lengths.mode=source`) is counted and listed with its row number; it never stops the
 job. Bytes that are not UTF-8 are read as cp1252 (the usual culprit, e.g. curly quotes from Windows
 tools) and those rows are listed as repaired.
 """
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from data_pipeline.lengths import DURATION_COLUMNS, LengthError, LengthPlanner
 from gd_train.config import ConfigError
 
 OPENVID_COLUMNS = ("video", "caption", "aesthetic score", "motion score", "temporal consistency score",
@@ -48,6 +49,7 @@ class Prompt:
     video: str
     aesthetic_score: Optional[float] = None
     motion_score: Optional[float] = None
+    num_frames: Optional[int] = None  # planned clip length (pixel frames); None: video.num_frames
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class PromptReport:
     repaired_rows: list[int] = field(default_factory=list)  # rows with non-UTF-8 bytes, read as cp1252
     filtered: Counter = field(default_factory=Counter)  # reason -> rows dropped by a filter
     kept: int = 0
+    length_fallback_rows: list[int] = field(default_factory=list)  # no readable duration, given video.num_frames
+    fallback_frames: Optional[int] = None
 
     def summary_lines(self, max_listed: int = 20) -> list[str]:
         lines = [f"prompts: {self.path}: {self.rows} rows, {self.kept} kept, {len(self.bad_rows)} bad, "
@@ -82,11 +86,17 @@ class PromptReport:
             listed = ", ".join(map(str, self.repaired_rows[:max_listed]))
             lines.append(f"rows with non-UTF-8 bytes (read as cp1252): {listed}"
                          + (f" and {len(self.repaired_rows) - max_listed} more" if len(self.repaired_rows) > max_listed else ""))
+        fallbacks = self.length_fallback_rows
+        if fallbacks:
+            lines.append(f"rows without a readable duration, given video.num_frames={self.fallback_frames} "
+                         f"(datagen.lengths.on_missing=fixed): {', '.join(map(str, fallbacks[:max_listed]))}"
+                         + (f" and {len(fallbacks) - max_listed} more" if len(fallbacks) > max_listed else ""))
         return lines
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "rows": self.rows, "kept": self.kept, "filtered": dict(self.filtered),
-                "bad_rows": [asdict(b) for b in self.bad_rows], "repaired_rows": self.repaired_rows}
+                "bad_rows": [asdict(b) for b in self.bad_rows], "repaired_rows": self.repaired_rows,
+                "length_fallback_rows": self.length_fallback_rows}
 
 
 def stable_key(video: str, row: int) -> str:
@@ -107,11 +117,14 @@ def stable_key(video: str, row: int) -> str:
     return f"{safe[:MAX_KEY_LENGTH - 11]}-{digest}"
 
 
-def read_prompts(path: str | Path, filters: Any) -> tuple[list[Prompt], PromptReport]:
+def read_prompts(path: str | Path, filters: Any, lengths: Optional[LengthPlanner] = None
+                 ) -> tuple[list[Prompt], PromptReport]:
     """All usable prompts of the CSV in file order, and the report of what was dropped and why.
 
     `filters` is a `PromptFilters` config section (or anything with its attributes). Its values are read
-    once: through OmegaConf an attribute costs microseconds, which at OpenVidHD's 433k rows adds up."""
+    once: through OmegaConf an attribute costs microseconds, which at OpenVidHD's 433k rows adds up.
+    With `lengths` (the `datagen.lengths` policy) each prompt gets its planned `num_frames`; without it,
+    `num_frames` stays None (video.num_frames)."""
     path = Path(path)
     report = PromptReport(path=str(path))
     records = _records(path)
@@ -125,6 +138,14 @@ def read_prompts(path: str | Path, filters: Any) -> tuple[list[Prompt], PromptRe
             why = "the column every prompt comes from" if column == "caption" else "a filter needs it"
             raise PromptFileError(f"prompts_csv '{path}': no '{column}' column ({why}); header has "
                                   f"{_preview(header)}; expected OpenVidHD's columns {','.join(OPENVID_COLUMNS)}")
+    duration_columns: dict[str, int] = {}
+    if lengths is not None and lengths.reads_rows:
+        duration_columns = {c: index[c] for c in DURATION_COLUMNS if c in index}
+        if "seconds" not in duration_columns and not {"frame", "fps"} <= set(duration_columns):
+            raise PromptFileError(f"prompts_csv '{path}': no 'seconds' column and no 'frame' and 'fps' columns "
+                                  f"(datagen.lengths.mode=source reads each clip's duration from them); header has "
+                                  f"{_preview(header)}")
+        report.fallback_frames = lengths.default_frames
     n_fields = len(header)
     i_caption, i_video = index["caption"], index.get("video")
     i_aesthetic, i_motion = index.get("aesthetic score"), index.get("motion score")
@@ -168,6 +189,15 @@ def read_prompts(path: str | Path, filters: Any) -> tuple[list[Prompt], PromptRe
             if key in seen_keys:
                 report.bad_rows.append(BadRow(row, line, f"video '{video}' (key '{key}') already at row {seen_keys[key]}"))
                 continue
+            num_frames = None
+            if lengths is not None:
+                try:
+                    num_frames, fell_back = lengths.choose(key, {c: fields[i] for c, i in duration_columns.items()})
+                except LengthError as exc:
+                    report.bad_rows.append(BadRow(row, line, str(exc)))
+                    continue
+                if fell_back:
+                    report.length_fallback_rows.append(row)
             seen_keys[key] = row
 
             if min_aesthetic is not None and aesthetic < min_aesthetic:
@@ -181,7 +211,7 @@ def read_prompts(path: str | Path, filters: Any) -> tuple[list[Prompt], PromptRe
             else:
                 if dedupe:
                     seen_captions.add(caption)
-                prompts.append(Prompt(key, caption, row, line, video, aesthetic, motion))
+                prompts.append(Prompt(key, caption, row, line, video, aesthetic, motion, num_frames))
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -6,7 +6,9 @@ loaders (`gd_train.model.backbone`): the real Wan2.1-T2V-1.3B from `pretrained_p
 random teacher (same classes, weights from `model.init_seed`, identical in every process).
 
 Every sample is reproducible on its own: its noise comes from a CPU generator seeded from its stable
-key (the same on any device), and the settings it was sampled with are stored in its metadata.
+key (the same on any device), its length from the key or its CSV row (`data_pipeline.lengths`), and the
+settings it was sampled with are stored in its metadata. A shard's prompts all have one length, so a
+batch (`datagen.batch_size`) never mixes lengths and nothing is padded.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipeline.lengths import LengthPlanner, latent_frames
 from data_pipeline.prompts import Prompt
 from gd_train.config import Config, latent_shape
 from gd_train.data.shards import SHARD_NAME, ShardRecord, TeacherSample, write_shard
@@ -32,17 +35,25 @@ SCHEDULER = "UniPCMultistepScheduler(prediction_type=flow_prediction, use_flow_s
 
 def sampling_settings(cfg: DictConfig) -> dict[str, Any]:
     """Everything that determines a sample besides its prompt and seed; stored with every sample and
-    in the manifest (a rerun into the same folder must use the same)."""
+    in the manifest (a rerun into the same folder must use the same). With a length policy other than
+    `fixed`, `lengths` records it and `latent_shape` is [C, null, H, W] (F differs per shard)."""
     d, v = cfg.datagen, cfg.video
-    return {
+    policy = LengthPlanner.from_config(cfg).settings()
+    shape = list(latent_shape(cfg))
+    if policy is not None:
+        shape[1] = None
+    settings = {
         "teacher": str(cfg.pretrained_path) if cfg.pretrained_path else f"tiny(init_seed={cfg.model.init_seed})",
         "dtype": cfg.model.dtype, "storage_dtype": d.storage_dtype, "scheduler": SCHEDULER,
         "num_inference_steps": d.num_inference_steps, "guidance_scale": d.guidance_scale,
         "flow_shift": d.flow_shift, "negative_prompt": d.negative_prompt,
         "height": v.height, "width": v.width, "num_frames": v.num_frames, "fps": v.fps,
         "max_sequence_length": cfg.model.max_text_tokens, "batch_size": d.batch_size, "seed": cfg.seed,
-        "latent_shape": list(latent_shape(cfg)),
+        "latent_shape": shape,
     }
+    if policy is not None:  # absent for fixed: folders written before per-sample lengths keep resuming
+        settings["lengths"] = policy
+    return settings
 
 
 def sample_seed(base_seed: int, key: str) -> int:
@@ -63,6 +74,11 @@ class ShardTask:
     @property
     def name(self) -> str:
         return SHARD_NAME.format(index=self.index)
+
+    @property
+    def num_frames(self) -> Optional[int]:
+        """The planned length of every prompt of the shard (None: video.num_frames)."""
+        return self.prompts[0].num_frames if self.prompts else None
 
 
 @dataclass(frozen=True)
@@ -135,22 +151,28 @@ class TeacherWorker:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Prompt]) -> list[TeacherSample]:
+        """Teacher latents for prompts of one planned length (one pipeline call)."""
         d, v = self.cfg.datagen, self.cfg.video
+        lengths = {p.num_frames or v.num_frames for p in prompts}
+        if len(lengths) != 1:
+            raise ValueError(f"one pipeline call samples one length; these prompts have {sorted(lengths)} frames")
+        num_frames = lengths.pop()
         captions = [p.caption for p in prompts]
         padded = self.encoder.encode_padded(captions)  # (B, max_tokens, D), zero past each prompt
-        lengths = self.encoder.token_counts(captions)
+        tokens = self.encoder.token_counts(captions)
         seeds = [sample_seed(self.cfg.seed, p.key) for p in prompts]
         negative = None if self.negative_embeds is None else self.negative_embeds.expand(len(prompts), -1, -1)
         latents = self.pipe(
             prompt_embeds=padded, negative_prompt_embeds=negative, height=v.height, width=v.width,
-            num_frames=v.num_frames, num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale,
+            num_frames=num_frames, num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale,
             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
             max_sequence_length=self.cfg.model.max_text_tokens).frames  # (B, 16, F, H, W), normalised
         return [TeacherSample(key=p.key, latents=latents[i].to("cpu", self.storage_dtype),
                               prompt_embeds=padded[i, :n].to("cpu", self.storage_dtype),
                               meta={"caption": p.caption, "seed": seed, "source_row": p.row, "source_line": p.line,
-                                    "video": p.video, "settings": self.settings})
-                for i, (p, n, seed) in enumerate(zip(prompts, lengths, seeds))]
+                                    "video": p.video, "num_frames": num_frames,
+                                    "latent_frames": latent_frames(num_frames), "settings": self.settings})
+                for i, (p, n, seed) in enumerate(zip(prompts, tokens, seeds))]
 
     def write_preview(self, sample: TeacherSample) -> Path:
         from gd_train.media import decode_latents, write_mp4

@@ -52,10 +52,21 @@ def truncate(path: Path, keep_fraction: float = 0.5) -> None:
 OPENVID_HEADER = b"video,caption,aesthetic score,motion score,temporal consistency score,camera motion,frame,fps,seconds\n"
 
 
+# frame,fps,seconds of good row i: 0.5, 1 or 1.5 s (at video.fps=16: 9, 17 or 25 frames once snapped to
+# 1 + 4k), two rows with only frame/fps readable (`seconds` empty or not a number).
+DURATIONS = ("8,16,0.5", "16,16,1.0", "24,16,1.5")
+ODD_DURATIONS = {7: "32,32,", 8: "45,30,n/a"}
+
+
+def source_frames(i: int) -> int:
+    """What datagen.lengths.mode=source (min 9, max 25, video.fps 16) plans for good row i."""
+    return (9, 17, 25)[i % 3]
+
+
 def write_prompts_csv(path: Path, valid: int = 36) -> tuple[dict[str, str], list[int]]:
     """An OpenVidHD-layout CSV: `valid` good rows (quoted captions with commas and newlines, one with
-    cp1252 bytes) and 5 malformed ones in between. Returns {key: caption} of the good rows and the
-    row numbers of the bad ones."""
+    cp1252 bytes; durations of 0.5-1.5 s, `source_frames`) and 5 malformed ones in between. Returns
+    {key: caption} of the good rows and the row numbers of the bad ones."""
     rows, expected, bad = [], {}, []
     for i in range(valid):
         caption = f"clip {i}: a red fox, running through snow"
@@ -65,7 +76,8 @@ def write_prompts_csv(path: Path, valid: int = 36) -> tuple[dict[str, str], list
         if i == 5:
             raw = f"clip {i}: caf".encode() + b"\xe9 at dusk"  # cp1252 e-acute: not UTF-8
             caption = f"clip {i}: café at dusk"
-        rows.append(b'clip_%04d.mp4,"' % i + raw + b'",5.%d,3.0,0.9,static,81,16,5' % (i % 10))
+        duration = ODD_DURATIONS.get(i, DURATIONS[i % 3]).encode()
+        rows.append(b'clip_%04d.mp4,"' % i + raw + b'",5.%d,3.0,0.9,static,' % (i % 10) + duration)
         expected[f"clip_{i:04d}"] = " ".join(caption.split())
         if i in (4, 11, 19, 26, 33):  # a malformed row after these
             kind = len(bad)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from datagen_utils import REPO_ROOT, write_prompts_csv
+from datagen_utils import REPO_ROOT, source_frames, write_prompts_csv
 from launch.ray_head import LocalRayHead, ray_env, session_members
 from gd_train.config import load_config
 from gd_train.data.reader import ShardReader
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 sys.path.insert(0, str(REPO_ROOT))
 from data_pipeline import gen_teacher  # noqa: E402
+from data_pipeline.lengths import cost_units, latent_frames  # noqa: E402
 from data_pipeline.prompts import read_prompts  # noqa: E402
 from data_pipeline.teacher import TeacherWorker, sample_seed, sampling_settings  # noqa: E402
 
@@ -210,3 +211,54 @@ def test_rerun_into_a_folder_of_other_settings_or_prompts_is_refused(clean_run, 
     fewer.write_bytes(b"\n".join(lines[:1] + lines[3:]))  # drop the first prompt: every shard shifts
     assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={fewer}", f"output_dir={out}"]) == 2
     assert "holds other prompts than this run plans for it" in capsys.readouterr().err
+
+
+# Mixed lengths: each prompt's length from its row's duration (0.5 / 1 / 1.5 s at 16 fps -> 9 / 17 / 25
+# frames, 3 / 5 / 7 latent frames); 3 prompts per length in shards of 2 and 1, batches of 2. One worker:
+# on 2 shared cores a second one only adds its start-up.
+MIXED = ["datagen.lengths.mode=source", "datagen.lengths.min_frames=9", "datagen.lengths.max_frames=25",
+         "datagen.filters.max_prompts=9", "datagen.samples_per_shard=2", "datagen.batch_size=2", "datagen.num_workers=1"]
+
+
+def test_mixed_lengths_each_prompt_once_at_its_planned_length_one_length_per_shard(ray_head, prompts, tmp_path,
+                                                                                  capsys):
+    csv, expected, _ = prompts
+    out = tmp_path / "shards"
+    result = ray_head.submit(command(csv, out, *MIXED))
+    assert result.returncode == 0, job_output(result)
+    planned = {key: source_frames(int(key[5:])) for key in sorted(expected)[:9]}  # clip_NNNN: row order
+    histogram = {3: 3, 5: 3, 7: 3}
+    assert dict(Counter(latent_frames(f) for f in planned.values())) == histogram
+    assert f"cost: {cost_units(histogram, 6):,.0f} teacher-frame-equivalents" in result.stdout
+    assert "for 9 samples by latent frames {3: 3, 5: 3, 7: 3}" in result.stdout
+
+    raw = wds.tarfile_samples([{"url": str(p)} for p in sorted(out.glob("shard-*.tar"))])
+    by_shard: dict[str, list] = {}
+    for r in raw:
+        by_shard.setdefault(Path(r["__url__"]).name, []).append(decode_sample(r))
+    samples = [s for shard in by_shard.values() for s in shard]
+    assert Counter(s.key for s in samples) == Counter(planned.keys())  # every valid prompt, once
+    for s in samples:
+        frames = planned[s.key]
+        assert s.latents.shape == (16, latent_frames(frames), 8, 12)
+        assert (s.meta["num_frames"], s.meta["latent_frames"]) == (frames, latent_frames(frames))
+
+    manifest = Manifest.load(out)
+    assert manifest.length_histogram == histogram
+    assert set(manifest.shards) == set(by_shard) == set(manifest.shard_latent_frames) and manifest.total_shards == 6
+    for name, shard in by_shard.items():
+        assert {s.latents.shape[1] for s in shard} == {manifest.shards[name].latent_frames}
+        assert manifest.shard_latent_frames[name] == manifest.shards[name].latent_frames
+    assert manifest.settings["latent_shape"] == [16, None, 8, 12]
+    assert manifest.settings["lengths"] == {"mode": "source", "min_frames": 9, "max_frames": 25, "on_missing": "bad_row"}
+    report = json.loads((out / gen_teacher.REPORT_NAME).read_text())
+    assert report["length_histogram"] == {"3": 3, "5": 3, "7": 3}
+
+    # Another policy into the same folder: refused, in one line.
+    other = [o for o in MIXED if not o.startswith("datagen.lengths")] + \
+        ["datagen.lengths.mode=choices", "datagen.lengths.choices=[9,17,25]"]
+    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}", *other]) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (lengths={" in err and "'mode': 'source'" in err
+    assert "this run has (lengths={'mode': 'choices', 'choices': [9, 17, 25], 'weights': [0.333333333" in err
+    assert err.count("\n") == 1

@@ -168,6 +168,6 @@ def test_the_disk_refusal_suggests_bfloat16_only_when_the_config_stores_float32(
     cfg = load_config(REPO_ROOT / "configs" / "datagen.yaml", [f"datagen.storage_dtype={storage_dtype}",
                                                                "datagen.min_free_disk_gb=1e9"])
     with pytest.raises(ConfigError) as err:
-        check_free_disk(cfg, tmp_path, 36)
+        check_free_disk(cfg, tmp_path, {6: 36})
     assert ("datagen.storage_dtype=bfloat16" in str(err.value)) is hint
     assert "free space" in str(err.value) and "\n" not in str(err.value)

@@ -63,7 +63,9 @@ def test_the_documented_members_and_tensors_are_what_a_shard_holds(shards):
         from safetensors.torch import load
 
         tensors = load(tar.extractfile(f"{key}.safetensors").read())
-    assert set(meta) == {"key", "caption", "seed", "source_row", "source_line", "video", "settings"}
+    assert set(meta) == {"key", "caption", "seed", "source_row", "source_line", "video", "num_frames", "latent_frames",
+                         "settings"}
+    assert (meta["num_frames"], meta["latent_frames"]) == (cfg.video.num_frames, F)
     assert set(tensors) == {"latents", "prompt_embeds"}
     assert tensors["latents"].shape == (C, F, H, W) == (16, (cfg.video.num_frames - 1) // 4 + 1,
                                                        cfg.video.height // 8, cfg.video.width // 8)

@@ -3,15 +3,17 @@
 A shard is a WebDataset tar (`shard-000042.tar`). Each sample is two members sharing a key:
 - `<key>.safetensors`: `latents` (16, F, H, W), normalised as `WanPipeline(output_type="latent")`
   returns them, and `prompt_embeds` (tokens, text_dim), unpadded — tensors never go through pickle;
-- `<key>.json`: caption, seed, source row, video name and the sampling settings used.
-Keys hold no dots (WebDataset splits member names at the first dot).
+- `<key>.json`: caption, seed, source row, video name, length (`num_frames`, `latent_frames`) and the
+  sampling settings used.
+Keys hold no dots (WebDataset splits member names at the first dot). Every sample of a shard has the
+same length (F); shards of one folder may differ (`datagen.lengths`), and the manifest says which.
 
 A shard appears under its final name only when complete (`write_shard`: temporary name, fsync,
 rename — WebDataset's own writers write straight to the final name, so a crash would leave a
 truncated tar that looks whole). `manifest.json` beside the shards records each finished shard's
 sample count, size and checksums — of the whole file, and (since v1 writers added it) one digest per
 sample, so that the reader can verify each sample as it streams through and drop just a damaged one.
-The reader takes its epoch length from it without opening tars.
+The reader takes its epoch length, and each shard's latent frames, from it without opening tars.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class ShardRecord:
     # `sample_digest` of each sample in stored order; None in manifests written before it existed
     # (those shards are verified whole, against `sha256`).
     sample_sha256: Optional[list[str]] = None
+    # F of every sample in the shard (one length per shard); None in manifests written before it existed
+    # (then every shard has the settings' latent_shape).
+    latent_frames: Optional[int] = None
 
 
 SAMPLE_DIGEST_HEX = 32  # 128 bits: against damage, not an adversary; keeps the manifest ~40 B per sample
@@ -136,7 +141,8 @@ def write_shard(path: str | os.PathLike, samples: Iterable[TeacherSample], *, at
     The tar goes to `<name>.<attempt_tag>.partial` in the same folder (one name per attempt, so a
     retried attempt never shares a file with a dead one), is fsynced, then renamed. Member times are
     fixed so that equal samples give byte-identical shards. `samples` may be a generator: a process
-    that dies while it runs leaves only the `.partial` file behind.
+    that dies while it runs leaves only the `.partial` file behind. All samples must have the same
+    latent frames (recorded as the shard's `latent_frames`); a sample of another length is refused.
     """
     import webdataset as wds
 
@@ -144,19 +150,24 @@ def write_shard(path: str | os.PathLike, samples: Iterable[TeacherSample], *, at
     tmp = path.with_name(f"{path.name}.{attempt_tag}{PARTIAL_SUFFIX}")
     keys: list[str] = []
     digests: list[str] = []
+    frames: Optional[int] = None
     try:
         with open(tmp, "wb") as fh:
             # An int mtime: a float one makes tarfile add a PAX header to every member.
             with wds.TarWriter(fh, encoder=False, mtime=0) as writer:
                 for sample in samples:
                     encoded = encode_sample(sample)
+                    frames = frames if frames is not None else sample.latents.shape[1]
+                    if sample.latents.shape[1] != frames:
+                        raise ShardFormatError(f"{path.name}: sample '{sample.key}' has {sample.latents.shape[1]} latent "
+                                               f"frames, the shard's earlier samples {frames} (one length per shard)")
                     writer.write(encoded)
                     keys.append(sample.key)
                     digests.append(sample_digest(sample.key, {k: v for k, v in encoded.items() if k != "__key__"}))
             fh.flush()
             os.fsync(fh.fileno())
         record = ShardRecord(samples=len(keys), bytes=tmp.stat().st_size, sha256=file_sha256(tmp),
-                             keys_sha256=keys_digest(keys), sample_sha256=digests)
+                             keys_sha256=keys_digest(keys), sample_sha256=digests, latent_frames=frames)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -195,6 +206,10 @@ class Manifest:
     settings: dict[str, Any]  # sampling settings and plan fingerprint; a rerun must match them
     total_shards: int  # shards in the plan, finished or not
     shards: dict[str, ShardRecord] = field(default_factory=dict)  # finished shards by file name
+    # The plan's lengths, finished shards or not (empty in manifests written before per-sample lengths):
+    # latent frames of every planned shard by file name, and {latent frames: planned samples}.
+    shard_latent_frames: dict[str, int] = field(default_factory=dict)
+    length_histogram: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_samples(self) -> int:
@@ -214,7 +229,10 @@ class Manifest:
                 if not SHARD_RE.match(name):
                     raise ValueError(f"shard name {name!r} does not match {SHARD_NAME!r}")
                 shards[name] = ShardRecord(**rec)
-            return cls(settings=data["settings"], total_shards=int(data["total_shards"]), shards=shards)
+            planned = {str(name): int(f) for name, f in data.get("shard_latent_frames", {}).items()}
+            histogram = {int(f): int(n) for f, n in data.get("length_histogram", {}).items()}
+            return cls(settings=data["settings"], total_shards=int(data["total_shards"]), shards=shards,
+                       shard_latent_frames=planned, length_histogram=histogram)
         except (ValueError, KeyError, TypeError) as exc:
             raise ShardFormatError(f"{path}: not a shard manifest ({type(exc).__name__}: {exc})") from None
 
@@ -223,7 +241,9 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         data = {"format": MANIFEST_FORMAT, "settings": self.settings, "total_shards": self.total_shards,
                 "total_samples": self.total_samples,
-                "shards": {name: asdict(rec) for name, rec in sorted(self.shards.items())}}
+                "shards": {name: asdict(rec) for name, rec in sorted(self.shards.items())},
+                "shard_latent_frames": dict(sorted(self.shard_latent_frames.items())),
+                "length_histogram": {str(f): n for f, n in sorted(self.length_histogram.items())}}
         tmp = path.with_name(path.name + PARTIAL_SUFFIX)
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)
