@@ -18,6 +18,7 @@ from train_utils import (TINY_STAGE1, kill_group, latest, metrics, run_cli, star
 
 NUM_SAMPLES = 48  # 12 optimizer steps of 4 samples per epoch (2 ranks x 2 accumulation x micro 1)
 STEPS = 24  # = 2 epochs; exact-resume point N = 12
+LENGTHS = (4, 6)  # latent frames, alternating by shard: every run here trains on mixed lengths
 
 
 def _common(run_dir: Path, shards: Path, *extra: str) -> list[str]:
@@ -28,7 +29,7 @@ def _common(run_dir: Path, shards: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("shards")
-    return folder, write_tiny_shards(folder, NUM_SAMPLES, samples_per_shard=4)
+    return folder, write_tiny_shards(folder, NUM_SAMPLES, samples_per_shard=4, lengths=LENGTHS)
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +73,18 @@ def test_loss_goes_down_and_tensorboard_holds_the_scalars(run_a):
 
 
 def test_checkpoints_hold_what_trains_and_nothing_of_the_frozen_base(run_a):
-    import torch
-
+    from gd_train.checkpoint import trainable_state
     from gd_train.config import load_config
     from gd_train.model.student import GreedyDistillStudent
 
     folder = run_a / "checkpoints" / "step-00000024"
-    # DeepSpeed's own file (pickled by DeepSpeed; read here only to inspect what it holds).
-    module = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+    tensors, meta = trainable_state(folder)  # per-parameter state (safetensors + JSON)
     student = GreedyDistillStudent.from_config(load_config(TINY_STAGE1))
-    trained = {f"student.{n}" for n, p in student.named_parameters() if p.requires_grad}
-    assert set(module) == trained  # both adapters and c_f, each once, under one name
-    assert all(".lora_" in k or k.startswith("student.cf_proj.") for k in module)
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert set(meta["params"]) == trained  # both adapters and c_f, each once, under one name
+    assert {k.split("/", 1)[1] for k in tensors} == trained
+    assert all(".lora_" in k or k.startswith("cf_proj.") for k in trained)
+    assert not list(folder.rglob("*.pt"))  # no DeepSpeed pickles
 
 
 def _epoch_keys(per_rank: dict[int, list[dict]], epoch: int) -> Counter:
@@ -111,6 +112,10 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(shards, run_a, tmp_path):
     # Same samples in the same order on every rank; each sample exactly once per epoch.
     trace_a, trace_b = trace(run_a), trace(run_b)
     assert {r: [x["keys"] for x in t] for r, t in trace_b.items()} == {r: [x["keys"] for x in t] for r, t in trace_a.items()}
+    # Mixed lengths: at every step both ranks read the same length, and the resumed run the same sequence.
+    frames = {r: [(x["step"], x["frames"]) for x in t] for r, t in trace_b.items()}
+    assert frames[0] == frames[1] == [(x["step"], x["frames"]) for x in trace_a[0]]
+    assert {f for _, f in frames[0]} == set(LENGTHS)
     for epoch in (0, 1):
         seen = _epoch_keys(trace_b, epoch)
         assert set(seen) == set(keys) and set(seen.values()) == {1}, f"epoch {epoch}: duplicated or missing samples"
@@ -154,11 +159,13 @@ def test_sigusr1_checkpoints_at_the_next_step_and_resume_ignores_half_written_fo
 
 
 def test_resume_refuses_what_it_cannot_continue(shards, run_a, tmp_path):
-    # A different world size: refused before any process starts, naming both numbers.
-    proc = run_cli("resume", str(run_a), "--nproc", "1", check=False)
+    # Another world size resumes (tests/test_checkpoint.py), unless the global batch cannot divide over
+    # it: refused before any process starts.
+    proc = run_cli("resume", str(run_a), "--nproc", "3", check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
-    assert "written by 2 ranks, this launch has 1" in line and line.startswith("gd-train: error:")
+    assert "4 is not divisible by train.micro_batch_size 1 x world size 3" in line and line.startswith("gd-train: error:")
+    assert run_cli("resume", str(run_a), "--nproc", "1", "--dry-run").returncode == 0
 
     # `latest` naming a folder that is not complete.
     broken = tmp_path / "broken"

@@ -30,7 +30,7 @@ def _final_checkpoint(run_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards")
-    write_tiny_shards(folder, 16, samples_per_shard=4, seed=1)
+    write_tiny_shards(folder, 16, samples_per_shard=4, seed=1, lengths=(3, 6))  # mixed lengths
     return folder
 
 
@@ -57,15 +57,19 @@ def test_every_rank_and_micro_step_uses_the_same_f_and_t(stage2_run):
 
     per_rank = trace(stage2_run)
     assert sorted(per_rank) == [0, 1]
-    sequences = {rank: [(r["step"], r["micro"], r["f"], r["t"]) for r in records] for rank, records in per_rank.items()}
+    sequences = {rank: [(r["step"], r["micro"], r["frames"], r["f"], r["t"]) for r in records]
+                 for rank, records in per_rank.items()}
     assert sequences[0] == sequences[1]
-    assert [(s, m) for s, m, _, _ in sequences[0]] == [(s, m) for s in range(1, 7) for m in range(2)]
+    assert [(s, m) for s, m, _, _, _ in sequences[0]] == [(s, m) for s in range(1, 7) for m in range(2)]
     by_step = {}
-    for step, _, f, t in sequences[0]:
-        by_step.setdefault(step, set()).add((f, t))
-    assert all(len(v) == 1 for v in by_step.values()), "micro-steps of one minibatch disagree on (f, t)"
-    draws = [next(iter(by_step[s])) for s in range(1, 7)]
-    assert all(1 <= f <= 5 and t in (1000, 750, 500) for f, t in draws)  # 6 latent frames; 'next' level
+    for step, _, frames, f, t in sequences[0]:
+        by_step.setdefault(step, set()).add((frames, f, t))
+    assert all(len(v) == 1 for v in by_step.values()), "micro-steps of one minibatch disagree on (F, f, t)"
+    steps = [next(iter(by_step[s])) for s in range(1, 7)]
+    assert {frames for frames, _, _ in steps} == {3, 6}  # mixed lengths, one per step
+    # f never reaches past the step's clips (x_0 .. x_{F-1}); t from the 'next' levels.
+    assert all(1 <= f <= frames - 1 and t in (1000, 750, 500) for frames, f, t in steps)
+    draws = [(f, t) for _, f, t in steps]
     assert len(set(draws)) > 1, "(f, t) never changes"
     # What TensorBoard shows is the agreed draw.
     scalars = read_scalars(stage2_run / "tb")

@@ -24,20 +24,24 @@ CLI = [sys.executable, "-m", "gd_train.cli"]
 
 
 def write_tiny_shards(folder: Path, num_samples: int, samples_per_shard: int = 4, *, seed: int = 0,
-                      nan_keys: Sequence[str] = (), config: str = TINY_STAGE1) -> list[str]:
+                      nan_keys: Sequence[str] = (), config: str = TINY_STAGE1,
+                      lengths: Sequence[int] = ()) -> list[str]:
     """Real WebDataset tars in the teacher-shard format, with latents of the tiny config's shape.
 
     The latents are smooth in time and space (a random field plus a slow drift), not white noise, so a
-    model has something to learn; keys listed in `nan_keys` get NaN latents (bad data)."""
+    model has something to learn; keys listed in `nan_keys` get NaN latents (bad data). `lengths`: the
+    latent frames of shard i are lengths[i % len(lengths)] (one length per shard, as data_pipeline
+    writes them; default: the config's video.num_frames)."""
     import webdataset as wds
 
     cfg = load_config(config)
-    C, F, H, W = latent_shape(cfg)
+    C, F_config, H, W = latent_shape(cfg)
     text_dim = transformer_arch(cfg)["text_dim"]
     gen = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     keys = []
     for shard in range((num_samples + samples_per_shard - 1) // samples_per_shard):
+        F = lengths[shard % len(lengths)] if lengths else F_config
         with wds.TarWriter(str(folder / SHARD_NAME.format(index=shard))) as sink:
             for i in range(shard * samples_per_shard, min(num_samples, (shard + 1) * samples_per_shard)):
                 key = f"sample-{i:05d}"

@@ -194,7 +194,7 @@ class Trainer:
             # One all-reduce gives the global loss and whether any rank's is NaN/inf: the ranks skip together.
             finite = bool(torch.isfinite(loss.detach()).item())
             loss_sum, bad_ranks = distributed.all_reduce([float(loss.detach()) if finite else 0.0, float(not finite)])
-            self.trace.write(step=step, micro=micro, epoch=work.epoch, keys=batch.keys,
+            self.trace.write(step=step, micro=micro, epoch=work.epoch, frames=work.latent_frames, keys=batch.keys,
                              loss=float(loss.detach()), skipped=bad_ranks > 0, draw=draw)
             if bad_ranks > 0:
                 _skip_non_finite(self.state, self.cfg, step, bad_ranks)
@@ -550,7 +550,8 @@ def _save(engine, student, run_dir: Path, cfg: DictConfig, state: RunState, read
 
 
 class _Trace:
-    """Per-rank record of what each micro-step saw (`train.trace`): sample keys, local loss, (f, t).
+    """Per-rank record of what each micro-step saw (`train.trace`): clip length, sample keys, local
+    loss, (f, t).
     Used to prove exact resume (no sample twice, none skipped) and the (f, t) agreement."""
 
     def __init__(self, run_dir: Path, rank: int, enabled: bool, resumed_step: int):
@@ -562,10 +563,10 @@ class _Trace:
         truncate_jsonl(path, resumed_step)
         self.fh = open(path, "a", buffering=1)
 
-    def write(self, *, step, micro, epoch, keys, loss, skipped, draw) -> None:
+    def write(self, *, step, micro, epoch, frames, keys, loss, skipped, draw) -> None:
         if self.fh is None:
             return
-        record = {"step": step, "micro": micro, "epoch": epoch, "keys": list(keys),
+        record = {"step": step, "micro": micro, "epoch": epoch, "frames": frames, "keys": list(keys),
                   "loss": loss if math.isfinite(loss) else str(loss), "skipped": skipped}
         if draw is not None:
             record.update({"f": draw.frame, "t": draw.timestep})
