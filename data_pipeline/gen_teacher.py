@@ -247,6 +247,7 @@ class Attempt:
     shard: str
     attempt: int
     error: str
+    node: str = ""  # Ray node id of the worker the attempt ran on, when known
 
 
 @dataclass
@@ -345,8 +346,10 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
     stop = stop or StopRequest()
     stopping = False
 
-    def fail_attempt(task: ShardTask, attempt: int, error: str) -> None:
-        outcome.failed_attempts.append(Attempt(task.name, attempt, error))
+    nodes: dict[int, str] = {}  # worker index -> Ray node id
+
+    def fail_attempt(task: ShardTask, attempt: int, error: str, node: str = "") -> None:
+        outcome.failed_attempts.append(Attempt(task.name, attempt, error, node))
         for leftover in output_dir.glob(f"{task.name}.attempt{attempt}-*{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # what a dead attempt wrote (hundreds of MB at 480p)
         if stopping:
@@ -373,7 +376,7 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
             # Never expected; checked because the manifest is what "exactly once" rests on.
             (output_dir / task.name).unlink(missing_ok=True)
             fail_attempt(task, attempt, f"wrote {result.record.samples} samples of {result.record.latent_frames} "
-                                        "latent frames / other keys or length than planned")
+                                        "latent frames / other keys or length than planned", result.node)
             return
         manifest.shards[result.name] = result.record
         manifest.save(output_dir)
@@ -410,7 +413,8 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
                 if not info["sees_output_dir"]:
                     retire(index, f"on {info['host']} it cannot see {output_dir} (not on a shared filesystem?)")
                     continue
-                log(f"worker {index} ready on {info['host']} (pid {info['pid']}, {info['device']})")
+                nodes[index] = info["node"]
+                log(f"worker {index} ready on {info['host']} (node {info['node'][:12]}, pid {info['pid']}, {info['device']})")
                 progress.start_clock()
                 idle.append(index)
                 continue
@@ -418,11 +422,11 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
             try:
                 result: ShardResult = ray.get(ref)
             except RayActorError as exc:  # the process died: Ray restarts it, we wait until it is back
-                fail_attempt(task, attempt, f"worker {index} died: {describe_worker_error(exc)}")
+                fail_attempt(task, attempt, f"worker {index} died: {describe_worker_error(exc)}", nodes.get(index, ""))
                 waiting_ready[actors[index].ready.remote(VISIBILITY_MARKER)] = index
                 continue
             except RayTaskError as exc:  # an exception in the task; the actor itself is fine
-                fail_attempt(task, attempt, describe_worker_error(exc))
+                fail_attempt(task, attempt, describe_worker_error(exc), nodes.get(index, ""))
                 idle.append(index)
                 continue
             idle.append(index)
@@ -532,6 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "samples_in_finished_shards": manifest.total_samples,
         "length_histogram": {str(f): n for f, n in manifest.length_histogram.items()},
         "failed_attempts": [asdict(a) for a in outcome.failed_attempts],
+        "written_shards": [{"shard": r.name, "attempt": r.attempt, "host": r.host, "node": r.node,
+                            "seconds": round(r.seconds, 2)} for r in outcome.written],
         "retired_workers": outcome.retired_workers,
         "previews": sum(r.previews for r in outcome.written),
         "seconds": round(time.monotonic() - started, 2),

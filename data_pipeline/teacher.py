@@ -89,6 +89,7 @@ class ShardResult:
     host: str
     seconds: float
     previews: int
+    node: str = ""  # Ray node id: hostnames repeat on one-machine clusters
 
 
 def config_from_container(data: dict[str, Any]) -> DictConfig:
@@ -125,7 +126,7 @@ class TeacherWorker:
         """Where this worker runs, and whether it sees the driver's `marker` file in output_dir (a
         node without the shared filesystem would write shards nobody finds)."""
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": name,
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "node": ray_node_id(),
                 "sees_output_dir": (self.output_dir / marker).is_file()}
 
     def generate_shard(self, task: ShardTask, attempt: int) -> ShardResult:
@@ -135,7 +136,7 @@ class TeacherWorker:
         record = write_shard(self.output_dir / task.name, self._samples(task.prompts, kill_after_first, previews),
                              attempt_tag=f"attempt{attempt}-{socket.gethostname()}-{os.getpid()}")
         return ShardResult(name=task.name, record=record, attempt=attempt, host=socket.gethostname(),
-                           seconds=time.perf_counter() - start, previews=len(previews))
+                           seconds=time.perf_counter() - start, previews=len(previews), node=ray_node_id())
 
     def _samples(self, prompts: Sequence[Prompt], kill_after_first: bool, previews: list[Path]) -> Iterator[TeacherSample]:
         batch_size = self.cfg.datagen.batch_size
@@ -179,6 +180,16 @@ class TeacherWorker:
 
         frames = decode_latents(self.pipe.vae, sample.latents[None].float())[0]
         return write_mp4(frames, self.output_dir / "previews" / f"{sample.key}.mp4", fps=self.cfg.video.fps)
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray): hostnames repeat on one-machine clusters."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:
+        return ""
 
 
 def describe_worker_error(exc: BaseException) -> str:
