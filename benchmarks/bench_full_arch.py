@@ -38,7 +38,7 @@ from gd_train.data.shards import SHARD_NAME, TeacherSample, encode_sample  # noq
 
 WAN_WIDTH = ["model.transformer.num_attention_heads=12", "model.transformer.attention_head_dim=128",
              "model.transformer.ffn_dim=8960", "model.transformer.text_dim=4096", "model.transformer.freq_dim=256",
-             "model.dtype=bfloat16", "video.height=32", "video.width=32", "video.num_frames=13",
+             "model.dtype=bfloat16", "video.height=32", "video.width=32", "video.num_frames=13", "data.min_frames=null",
              "student.etm_lora.rank=64", "student.etm_lora.alpha=64", "student.sdd_lora.rank=64",
              "student.sdd_lora.alpha=64", "student.gradient_checkpointing=true"]
 SIZES = {"mid": ["model.transformer.num_layers=4"], "full": ["model.transformer.num_layers=30"]}

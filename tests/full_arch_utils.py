@@ -72,7 +72,8 @@ def _build(root: Path) -> None:
 
 # Overrides that run the 1.3B architecture at a tiny spatial size on CPU: 32x32 px (4 tokens per latent
 # frame), 9 frames (3 latent frames), 16 text tokens; the model's own bf16, LoRA ranks and checkpointing.
-TINY_SPACE = ["video.height=32", "video.width=32", "video.num_frames=9", "model.max_text_tokens=16"]
+TINY_SPACE = ["video.height=32", "video.width=32", "video.num_frames=9", "model.max_text_tokens=16",
+              "data.min_frames=null"]  # 9 frames: below the paper configs' 81..301
 
 
 def write_full_arch_shards(folder: Path, samples: int, overrides: list[str], config: str = "configs/stage1.yaml") -> None:

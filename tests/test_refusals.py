@@ -50,7 +50,7 @@ def test_init_from_adapters_of_another_rank_is_refused_before_any_rank(shards, t
 def test_latent_shape_mismatch_is_refused_before_any_rank(shards, tmp_path, capsys):
     line = _refused(capsys, "stage1", "--config", TINY_STAGE1, "--nproc", "2", f"output_dir={tmp_path / 'run'}",
                     f"data.shards={shards}", "video.height=128")
-    assert "shard-000000.tar holds latents (16, 6, 8, 12)" in line and "give (16, 6, 16, 12)" in line, line
+    assert "shard-000000.tar holds latents (16, 6, 8, 12)" in line and "give (16, F, 16, 12)" in line, line
     assert not (tmp_path / "run").exists()
 
 
