@@ -153,7 +153,7 @@ def start(args: argparse.Namespace) -> int:
 def _check_data(cfg, world_size: int) -> None:
     """The shards against the config and this launch, before any rank starts: present, their damage
     under `data.on_damage=refuse` (one line per problem, then the refusal), the latent shape."""
-    from gd_train.data.reader import check_latent_shape, discover_shards, refuse_damaged
+    from gd_train.data.reader import check_batches, check_latent_shape, discover_shards, refuse_damaged
 
     shards, problems = discover_shards(cfg.data.shards)
     refuse_damaged({}, cfg.data.on_damage)  # the value itself
@@ -164,10 +164,7 @@ def _check_data(cfg, world_size: int) -> None:
                           f"or missing (listed above); restore or regenerate them, or set data.on_damage=continue "
                           f"to train on the rest")
     check_latent_shape(cfg, shards)
-    samples, needed = sum(s.samples for s in shards), world_size * cfg.train.micro_batch_size
-    if samples < needed:
-        raise ConfigError(f"key 'data.shards': '{cfg.data.shards}' holds {samples} readable sample(s), fewer than "
-                          f"world_size x micro_batch_size = {needed}: not one step is possible")
+    check_batches(cfg, shards, world_size)  # each length's global batch on this world size
 
 
 def resume(args: argparse.Namespace) -> int:

@@ -75,3 +75,16 @@ def test_gd_generate_bad_input_is_one_line(tmp_path, capsys, make, args, message
     if make is not None:
         assert str(tmp_path / "p.safetensors") in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_length_whose_global_batch_cannot_divide_is_refused_before_any_rank(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    write_tiny_shards(folder, 16, samples_per_shard=4, lengths=(4, 6))
+    common = ["stage1", "--config", TINY_STAGE1, "--nproc", "2", f"output_dir={tmp_path / 'run'}",
+              f"data.shards={folder}", "train.global_batch_size=4"]
+    line = _refused(capsys, *common, "train.micro_batch_table.6=3")
+    assert ("key 'train.global_batch_size': 4 samples per step cannot be split into micro-batches of 3 (at 6 latent "
+            "frames") in line
+    line = _refused(capsys, *common, "data.min_frames=29")  # 8 latent frames and more: none of the data
+    assert "outside the run's lengths" in line and "not one step is possible" in line
+    assert not (tmp_path / "run").exists()

@@ -806,6 +806,27 @@ class ShardReader:
                 "steps_consumed": self._consumed, "bucket_steps": plan.histogram()}
 
 
+def check_batches(cfg, shards: Sequence[ShardInfo], world_size: int) -> dict[int, BucketBatch]:
+    """Before any rank starts: the run's lengths (data.min_frames/max_frames) and the global batch at
+    each length the data holds, on this world size (one line for what cannot divide or run a step)."""
+    t, d = cfg.train, cfg.data
+    low, high = (None if n is None else latent_frames_of(int(n), f"data.{k}")
+                 for n, k in ((d.min_frames, "min_frames"), (d.max_frames, "max_frames")))
+    kept, outside = _within(_with_lengths(shards), low, high)
+    buckets: dict[int, list[ShardInfo]] = {}
+    for shard in kept:
+        buckets.setdefault(shard.latent_frames, []).append(shard)
+    batches = bucket_batches(buckets, world_size=world_size, micro_batch_size=t.micro_batch_size,
+                             global_batch_size=t.global_batch_size, batch_unit=t.batch_unit,
+                             policy=t.micro_batch_policy, table=dict(t.micro_batch_table))
+    if not any(sum(s.samples for s in buckets[f]) >= b.samples_per_step for f, b in batches.items()):
+        raise ConfigError(f"key 'data.shards': '{d.shards}' holds {_describe(buckets)} readable sample(s)"
+                          f"{' (left out: ' + outside + ')' if outside else ''}, no length with one step's samples "
+                          f"({', '.join(f'{b.samples_per_step} at {f}' for f, b in batches.items()) or 'none'}): "
+                          f"not one step is possible")
+    return batches
+
+
 def latent_frames_of(pixel_frames: int, key: str) -> int:
     if pixel_frames < 1 or (pixel_frames - 1) % 4:
         raise ConfigError(f"key '{key}': {pixel_frames} is not 1 + 4k frames (the Wan VAE compresses time by 4)")
