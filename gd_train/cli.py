@@ -10,8 +10,9 @@
 Everything that can be refused is refused here, in one line, before a process starts: the config,
 the batch arithmetic for this launch's world size, the run folder's state, the checkpoint to resume
 (present, complete — an incomplete latest falls back to the newest complete one, with a warning —
-same world size), `train.init_from` adapters of another LoRA rank, the shards (present, damaged ones
-under `data.on_damage=refuse`, latents of the config's shape). Then every node hands over to `launch.local`: locally one node
+not of format v1; on any world size the global batch divides over), `train.init_from` adapters of
+another LoRA rank, the shards (present, damaged ones under `data.on_damage=refuse`, latents of the
+config's shape). Then every node hands over to `launch.local`: locally one node
 of N processes; inside a SLURM allocation (one task per node under srun) the node's share of a
 multi-node rendezvous derived from the allocation.
 """
@@ -176,7 +177,9 @@ def resume(args: argparse.Namespace) -> int:
     cfg = load_run_config(run_dir, None, None, True, args.overrides)
     args.plans = _node_plans(args)
     world_size = args.plans[1][0].world_size
-    checkpoint.check_world_size(folder, checkpoint.Manifest.read(folder), world_size)
+    # Any world size resumes (per-parameter state, a global data position); the global batch must
+    # still divide over it (one line from BatchPlan), and a v1 checkpoint is refused.
+    checkpoint.check_resumable(folder, checkpoint.Manifest.read(folder))
     BatchPlan.from_config(cfg.train, world_size)
     if not args.dry_run:
         _check_data(cfg, world_size)

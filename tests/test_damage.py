@@ -162,15 +162,14 @@ def test_incomplete_latest_checkpoint_falls_back_or_is_refused(run, tmp_path, ca
     hopeless = tmp_path / "hopeless"
     shutil.copytree(run_dir, hopeless)
     for folder in (hopeless / "checkpoints").glob("step-*"):
-        for optim in folder.glob("*optim_states.pt"):
-            optim.unlink()
+        (folder / "state" / "trainable.safetensors").unlink()  # the weights and optimizer moments
     code, _, err = gd_train(capsys, "resume", str(hopeless), "--nproc", "2")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "latest checkpoint step-00000009 is incomplete" in err and "optim_states.pt missing" in err
+    assert "latest checkpoint step-00000009 is incomplete" in err and "state/trainable.safetensors missing" in err
     assert "no earlier complete checkpoint exists" in err
 
     losses = {r["step"]: r["loss"] for r in metrics(run_dir)}
-    next(ckpts.joinpath("step-00000009").glob("*optim_states.pt")).unlink()
+    ckpts.joinpath("step-00000009", "state", "trainable.safetensors").unlink()
     listing = gd_train(capsys, "ckpt", "ls", str(run_dir))[1]
     assert re.search(r"step-00000009 +\(incomplete: ignored\)", listing), listing
     proc = run_cli("resume", str(run_dir), "--nproc", "2", timeout=300)
