@@ -94,6 +94,10 @@ def task_latent_frames(cfg, task: ShardTask) -> int:
     return latent_frames(task.num_frames or cfg.video.num_frames)
 
 
+def task_cost(cfg, task: ShardTask) -> float:
+    return cost_units({task_latent_frames(cfg, task): len(task.prompts)}, reference_latent_frames(cfg))
+
+
 def length_histogram(cfg, tasks: Sequence[ShardTask]) -> dict[int, int]:
     """{latent frames: samples} of the tasks, shortest first."""
     histogram: dict[int, int] = {}
@@ -286,12 +290,23 @@ class StopRequest:
 
 
 class Progress:
-    def __init__(self, total_shards: int, done_shards: int, total_samples: int, done_samples: int, every_s: float):
+    """Progress lines. The ETA divides the cost still to do by the cost rate so far (teacher-frame-
+    equivalents, not samples: with mixed lengths a long clip costs many short ones)."""
+
+    def __init__(self, total_shards: int, done_shards: int, total_samples: int, done_samples: int, every_s: float,
+                 todo_cost: float = 0.0):
         self.total_shards, self.done_shards = total_shards, done_shards
         self.total_samples, self.done_samples = total_samples, done_samples
         self.every_s, self.start = every_s, None  # the clock starts when the first worker is ready
         self.new_samples, self.failed, self.retried = 0, 0, 0
+        self.todo_cost, self.new_cost = todo_cost, 0.0
         self.last = 0.0
+
+    def add(self, samples: int, cost: float) -> None:
+        self.done_shards += 1
+        self.done_samples += samples
+        self.new_samples += samples
+        self.new_cost += cost
 
     def start_clock(self) -> None:
         self.start = self.start or time.monotonic()
@@ -306,7 +321,11 @@ class Progress:
             return
         self.last = now
         rate, left = self.rate(), self.total_samples - self.done_samples
-        eta = _duration(left / rate) if rate > 0 else "?"
+        if self.new_cost > 0 and self.todo_cost > 0:
+            elapsed = time.monotonic() - self.start
+            eta = _duration(max(self.todo_cost - self.new_cost, 0.0) * elapsed / self.new_cost)
+        else:
+            eta = _duration(left / rate) if rate > 0 else "?"
         log(f"shards {self.done_shards}/{self.total_shards} done ({self.failed} failed, {self.retried} retried) | "
             f"samples {self.done_samples}/{self.total_samples} | {rate:.2f} samples/s | ETA {eta}")
 
@@ -336,7 +355,9 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
     log(f"{workers} worker(s) x (num_gpus={d.num_gpus_per_worker}, num_cpus={d.num_cpus_per_worker}) for "
         f"{len(todo)} shard(s)")
 
-    queue = deque(todo)
+    # Longest clips first: the costliest shards do not all land at the end, where they would leave most
+    # workers idle while a few finish (the plan and the shard contents do not depend on this order).
+    queue = deque(sorted(todo, key=lambda t: -task_latent_frames(cfg, t)))
     attempts: dict[str, int] = {}
     waiting_ready = {actors[i].ready.remote(VISIBILITY_MARKER): i for i in range(workers)}
     running: dict[Any, tuple[int, ShardTask, int]] = {}
@@ -381,9 +402,7 @@ def run_workers(cfg, output_dir: Path, manifest: Manifest, todo: Sequence[ShardT
         manifest.shards[result.name] = result.record
         manifest.save(output_dir)
         outcome.written.append(result)
-        progress.done_shards += 1
-        progress.done_samples += result.record.samples
-        progress.new_samples += result.record.samples
+        progress.add(result.record.samples, task_cost(cfg, task))
         progress.maybe_print(force=progress.done_shards == progress.total_shards)
 
     # Short waits, so that a stop signal is seen within a second (Ray's wait does not return on one).
@@ -517,7 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     already = len(tasks) - len(todo)
     log(f"plan: {total_samples} prompts in {len(tasks)} shard(s) of <= {cfg.datagen.samples_per_shard}, one length "
         f"each; {already} already finished, {len(todo)} to write into {output_dir}")
-    progress = Progress(len(tasks), already, total_samples, manifest.total_samples, cfg.datagen.progress_every_s)
+    progress = Progress(len(tasks), already, total_samples, manifest.total_samples, cfg.datagen.progress_every_s,
+                        todo_cost=sum(task_cost(cfg, t) for t in todo))
     outcome = Outcome()
     stop = StopRequest()
     if todo:

@@ -253,6 +253,8 @@ def test_mixed_lengths_each_prompt_once_at_its_planned_length_one_length_per_sha
     assert manifest.settings["lengths"] == {"mode": "source", "min_frames": 9, "max_frames": 25, "on_missing": "bad_row"}
     report = json.loads((out / gen_teacher.REPORT_NAME).read_text())
     assert report["length_histogram"] == {"3": 3, "5": 3, "7": 3}
+    written = [manifest.shards[w["shard"]].latent_frames for w in report["written_shards"]]  # one worker: queue order
+    assert written == sorted(written, reverse=True) == [7, 7, 5, 5, 3, 3]  # longest clips first
 
     # Another policy into the same folder: refused, in one line.
     other = [o for o in MIXED if not o.startswith("datagen.lengths")] + \
