@@ -225,6 +225,9 @@ def ckpt_show(args: argparse.Namespace) -> int:
     data = _data_counters(folder)
     if data:
         print("data damage (all ranks): " + ", ".join(f"{k} {v}" for k, v in data.items()))
+    position = _reader_position(folder)
+    if position:
+        print(position)
     adapters = folder / checkpoint.ADAPTERS_DIR
     for name in ("etm", "sdd"):
         config_path = adapters / name / "adapter_config.json"
@@ -235,6 +238,22 @@ def ckpt_show(args: argparse.Namespace) -> int:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(folder)}  {path.stat().st_size} bytes")
     return 0
+
+
+def _reader_position(folder: Path) -> str:
+    """The reader's position as rank 0 saved it (global: the same on every rank, any world size continues it)."""
+    from gd_train import checkpoint
+
+    path = folder / checkpoint.TRAINER_DIR / "rank-00000.json"
+    state = json.loads(path.read_text()).get("reader", {}) if path.is_file() else {}
+    if "steps_consumed" not in state:
+        return ""
+    upcoming = state.get("next_latent_frames")
+    buckets = ", ".join(f"F={f}: {n}" for f, n in sorted(state.get("bucket_steps", {}).items(), key=lambda kv: int(kv[0])))
+    return (f"data position: epoch {state['epoch']}, {state['steps_consumed']} of {state['steps_in_epoch']} steps "
+            f"consumed (saved by {state.get('world_size', '?')} rank(s))"
+            + (f", next step: {upcoming} latent frames" if upcoming is not None else ", epoch complete")
+            + f"; steps per epoch by length (latent frames): {buckets}")
 
 
 def _data_counters(folder: Path) -> dict[str, int]:

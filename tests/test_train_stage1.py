@@ -100,6 +100,9 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(shards, run_a, tmp_path):
     kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
     assert latest(run_b) == "step-00000012", "the run finished before it could be killed"
+    shown = run_cli("ckpt", "show", str(run_b)).stdout  # the reader's global position, with its buckets
+    assert ("data position: epoch 0, 12 of 12 steps consumed (saved by 2 rank(s)), epoch complete; steps per "
+            "epoch by length (latent frames): F=4: 6, F=6: 6") in shown, shown
 
     run_cli("resume", str(run_b), "--nproc", "2")
 
