@@ -14,7 +14,7 @@ from datagen_utils import OPENVID_HEADER, REPO_ROOT, source_frames, write_prompt
 from gd_train.config import ConfigError, load_config
 
 sys.path.insert(0, str(REPO_ROOT))
-from data_pipeline.gen_teacher import check_datagen, length_histogram, plan_shards  # noqa: E402
+from data_pipeline.gen_teacher import check_datagen, estimated_sample_bytes, length_histogram, plan_shards  # noqa: E402
 from data_pipeline.lengths import LengthPlanner, cost_units, is_valid_length, snap  # noqa: E402
 from data_pipeline.prompts import PromptFileError, read_prompts  # noqa: E402
 
@@ -136,3 +136,9 @@ def test_the_plan_holds_one_length_per_shard_in_a_stable_order(tmp_path):
     # mode fixed: CSV order, as folders written before per-sample lengths were cut
     fixed, _ = read_prompts(csv, cfg.datagen.filters, planner())
     assert [p for t in plan_shards(fixed, 5) for p in t.prompts] == fixed
+
+
+def test_the_disk_estimate_is_per_sample_length():
+    cfg = load_config(CONFIG, ["datagen.storage_dtype=float32"])  # latents (16, F, 8, 12) in float32
+    assert estimated_sample_bytes(cfg, 7) - estimated_sample_bytes(cfg, 3) == 4 * 16 * 8 * 12 * 4
+    assert estimated_sample_bytes(cfg) == estimated_sample_bytes(cfg, 6)  # default: video.num_frames=21
