@@ -189,7 +189,9 @@ class Trainer:
         for micro, batch in enumerate(work.micro_batches):
             self.last_batch = batch
             self.engine.set_gradient_accumulation_boundary(micro == count - 1)
-            seed = derive_seed("micro-step", self.cfg.seed, self.dist.rank, step, micro)
+            # The micro-batch's noise is a function of its samples, not of where it runs: a run resumed on
+            # another world size (micro-batch 1) draws the same noise for the same sample at the same step.
+            seed = derive_seed("micro-step", self.cfg.seed, step, *batch.keys)
             loss = self.engine(**self.objective.inputs(batch, draw, seed))
             # One all-reduce gives the global loss and whether any rank's is NaN/inf: the ranks skip together.
             finite = bool(torch.isfinite(loss.detach()).item())
