@@ -256,6 +256,13 @@ def test_mixed_lengths_each_prompt_once_at_its_planned_length_one_length_per_sha
     written = [manifest.shards[w["shard"]].latent_frames for w in report["written_shards"]]  # one worker: queue order
     assert written == sorted(written, reverse=True) == [7, 7, 5, 5, 3, 3]  # longest clips first
 
+    # The training reader reads the mixed folder as it is: one length per batch, every prompt at its own.
+    reader_cfg = load_config(CONFIG, [f"data.shards={out}", "data.num_workers=0", "data.shuffle_buffer=0",
+                                      "train.micro_batch_size=1"])
+    batches = list(ShardReader.from_config(reader_cfg, rank=0, world_size=1, global_batch_size=1).epoch(0))
+    assert sorted(k for b in batches for k in b.keys) == sorted(planned)
+    assert all(b.latents.shape[2] == latent_frames(planned[k]) for b in batches for k in b.keys)
+
     # Another policy into the same folder: refused, in one line.
     other = [o for o in MIXED if not o.startswith("datagen.lengths")] + \
         ["datagen.lengths.mode=choices", "datagen.lengths.choices=[9,17,25]"]

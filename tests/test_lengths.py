@@ -12,6 +12,7 @@ import pytest
 
 from datagen_utils import OPENVID_HEADER, REPO_ROOT, source_frames, write_prompts_csv
 from gd_train.config import ConfigError, load_config
+from gd_train.data.shards import MANIFEST_FORMAT, Manifest, ShardRecord
 
 sys.path.insert(0, str(REPO_ROOT))
 from data_pipeline.gen_teacher import check_datagen, estimated_sample_bytes, length_histogram, plan_shards  # noqa: E402
@@ -142,3 +143,21 @@ def test_the_disk_estimate_is_per_sample_length():
     cfg = load_config(CONFIG, ["datagen.storage_dtype=float32"])  # latents (16, F, 8, 12) in float32
     assert estimated_sample_bytes(cfg, 7) - estimated_sample_bytes(cfg, 3) == 4 * 16 * 8 * 12 * 4
     assert estimated_sample_bytes(cfg) == estimated_sample_bytes(cfg, 6)  # default: video.num_frames=21
+
+
+def test_manifests_keep_the_plan_lengths_and_old_ones_still_load(tmp_path):
+    record = ShardRecord(samples=2, bytes=10, sha256="a", keys_sha256="b", sample_sha256=["c", "d"], latent_frames=7)
+    Manifest(settings={"latent_shape": [16, None, 8, 12]}, total_shards=2, shards={"shard-000001.tar": record},
+             shard_latent_frames={"shard-000000.tar": 3, "shard-000001.tar": 7}, length_histogram={3: 5, 7: 2}
+             ).save(tmp_path)
+    again = Manifest.load(tmp_path)
+    assert again.shards["shard-000001.tar"] == record and again.length_histogram == {3: 5, 7: 2}
+    assert again.shard_latent_frames == {"shard-000000.tar": 3, "shard-000001.tar": 7}
+    # As written before per-sample lengths: no plan lengths, records without latent_frames.
+    (tmp_path / "manifest.json").write_text(
+        '{"format": "%s", "settings": {"latent_shape": [16, 6, 8, 12]}, "total_shards": 1, "total_samples": 2, '
+        '"shards": {"shard-000000.tar": {"samples": 2, "bytes": 10, "sha256": "a", "keys_sha256": "b", '
+        '"sample_sha256": null}}}' % MANIFEST_FORMAT)
+    old = Manifest.load(tmp_path)
+    assert old.shards["shard-000000.tar"].latent_frames is None
+    assert old.shard_latent_frames == {} and old.length_histogram == {}
