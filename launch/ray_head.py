@@ -66,6 +66,46 @@ def session_members(session_id: int) -> list[int]:
     return pids
 
 
+def session_tree(session_id: int) -> list[int]:
+    """PIDs of every process in a session and of everything those started: Ray's workers, forked by a
+    raylet, leave its session (and its process group)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    mine = set(session_members(session_id))
+    grew = True
+    while grew:
+        before = len(mine)
+        mine |= {pid for pid, ppid in parents.items() if ppid in mine}
+        grew = len(mine) > before
+    return sorted(mine)
+
+
+def kill_tree(session_id: int) -> None:
+    """SIGKILL `session_tree(session_id)`, three rounds (a process forked while we signal escapes one)."""
+    for _ in range(3):
+        for pid in session_tree(session_id):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the kernel sends this child SIGTERM when the process that started it dies, however it
+    dies (`ray start --block` then stops every process it started; their workers follow their raylet)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def ray_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -93,13 +133,20 @@ def node_port_flags(ports: dict[str, int], worker_ports: tuple[int, int]) -> lis
             "--min-worker-port", str(worker_ports[0]), "--max-worker-port", str(worker_ports[1])]
 
 
+def node_ip_flags(node_ip: Optional[str]) -> list[str]:
+    return [] if node_ip is None else ["--node-ip-address", node_ip]
+
+
 class LocalRayHead:
     """`port_base`: the head uses exactly port_base .. port_base + PORTS_PER_HEAD - 1 (refused in one
-    line if any is taken); unset, a free block is reserved (`launch.ports`). `dashboard_port` moves
-    the dashboard (the job API) out of the block to that port."""
+    line if any is taken); unset, a free block is reserved (`launch.ports`). `dashboard_port` /
+    `gcs_port` move the dashboard (the job API) / the GCS (what other nodes join) out of the block to
+    that port. `node_ip`: the address the head advertises to other nodes (Ray's guess otherwise).
+    `tied`: Ray stops when this process dies, even by SIGKILL (`die_with_parent`)."""
 
-    def __init__(self, num_cpus: int = 2, dashboard_port: Optional[int] = None, port_base: Optional[int] = None):
-        self.num_cpus = num_cpus
+    def __init__(self, num_cpus: int = 2, dashboard_port: Optional[int] = None, port_base: Optional[int] = None,
+                 num_gpus: int = 0, gcs_port: Optional[int] = None, node_ip: Optional[str] = None, tied: bool = False):
+        self.num_cpus, self.num_gpus, self.node_ip, self.tied = num_cpus, num_gpus, node_ip, tied
         try:
             self.block = reserve(PORTS_PER_HEAD, base=port_base, purpose="a local Ray head")
         except PortError as exc:
@@ -107,6 +154,8 @@ class LocalRayHead:
         self.ports = dict(zip(NAMED_PORTS, self.block.ports))
         if dashboard_port is not None:
             self.ports["dashboard"] = dashboard_port
+        if gcs_port is not None:
+            self.ports["gcs"] = gcs_port
         first_worker = self.block.base + len(NAMED_PORTS)
         self.worker_ports = (first_worker, first_worker + WORKER_PORTS - 1)
         # Short: Ray puts Unix sockets under it (107-byte limit).
@@ -132,10 +181,11 @@ class LocalRayHead:
 
     def command(self) -> list[str]:
         return ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", str(self.num_cpus),
-                "--num-gpus", "0", "--port", str(self.ports["gcs"]),
+                "--num-gpus", str(self.num_gpus), "--port", str(self.ports["gcs"]),
                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(self.ports["dashboard"]), "--ray-client-server-port", str(self.ports["client"]),
-                *node_port_flags(self.ports, self.worker_ports), "--temp-dir", str(self.temp_dir)]
+                *node_port_flags(self.ports, self.worker_ports), *node_ip_flags(self.node_ip),
+                "--temp-dir", str(self.temp_dir)]
 
     def environment(self) -> dict[str, str]:
         """The head's environment: Ray reads these two ports from it only."""
@@ -151,7 +201,8 @@ class LocalRayHead:
         with open(self.log_path, "wb") as log:
             # start_new_session: setsid() in the child, so the head leads its own session and group.
             self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=die_with_parent if self.tied else None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -187,6 +238,15 @@ class LocalRayHead:
     def _cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.block.release()
+
+    def kill(self) -> None:
+        """Every process of the head at once, SIGKILL (a teardown that cannot wait for a clean stop)."""
+        if self.proc is None:
+            return
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=10)
+        self.proc = None
+        self._cleanup()
 
     def stop(self) -> None:
         if self.proc is None:

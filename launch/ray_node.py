@@ -11,9 +11,7 @@ what a lost machine looks like to the head — without touching the head or anyt
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,9 +20,14 @@ from pathlib import Path
 from typing import Optional
 
 from launch.ports import PortError, reserve
-from launch.ray_head import LocalRayHead, RayHeadError, node_port_flags, ray_env, session_members
+from launch.ray_head import (LocalRayHead, RayHeadError, die_with_parent, kill_tree, node_ip_flags, node_port_flags, port_in_use,
+                             ray_env, session_tree)
 
-NODE_PORTS = ("node_manager", "object_manager", "agent_grpc", "agent_listen", "metrics_export", "runtime_env_agent")
+# "client" and "dashboard" are head-only and never opened here, but `ray start` checks every port it
+# is given against the defaults of those two (10001, 8265) and refuses a node whose block overlaps them:
+# flags from the block keep them apart.
+NODE_PORTS = ("node_manager", "object_manager", "agent_grpc", "agent_listen", "metrics_export", "runtime_env_agent",
+              "client", "dashboard")
 WORKER_PORTS = 50
 
 
@@ -37,10 +40,18 @@ def alive_nodes(head: LocalRayHead) -> list[dict]:
 
 
 class LocalRayNode:
-    """`ray start --address <head> --block` with `num_cpus` CPUs and custom `resources`."""
+    """`ray start --address <head> --block` with `num_cpus` CPUs, `num_gpus` GPUs and custom `resources`.
+    `head`: a `LocalRayHead` of this machine (the node is up once the head lists it), or None with
+    `address` ("HOST:PORT" of the head's GCS, e.g. on another machine: up once its raylet listens)."""
 
-    def __init__(self, head: LocalRayHead, num_cpus: int = 1, resources: Optional[dict[str, float]] = None):
+    def __init__(self, head: Optional[LocalRayHead], num_cpus: int = 1, resources: Optional[dict[str, float]] = None,
+                 *, address: Optional[str] = None, num_gpus: int = 0, node_ip: Optional[str] = None,
+                 tied: bool = False):
+        if (head is None) == (address is None):
+            raise ValueError("LocalRayNode: give the head or its address, not both")
         self.head, self.num_cpus, self.resources = head, num_cpus, dict(resources or {})
+        self.address = address or f"127.0.0.1:{head.gcs_port}"
+        self.num_gpus, self.node_ip, self.tied = num_gpus, node_ip, tied  # tied: as LocalRayHead's
         try:
             self.block = reserve(len(NODE_PORTS) + WORKER_PORTS, purpose="a local Ray node")
         except PortError as exc:
@@ -54,15 +65,17 @@ class LocalRayNode:
         self.node_id: Optional[str] = None
 
     def command(self) -> list[str]:
-        return ["ray", "start", "--address", f"127.0.0.1:{self.head.gcs_port}", "--block", "--disable-usage-stats",
-                "--num-cpus", str(self.num_cpus), "--num-gpus", "0", "--resources", json.dumps(self.resources),
-                *node_port_flags(self.ports, self.worker_ports), "--temp-dir", str(self.temp_dir)]
+        return ["ray", "start", "--address", self.address, "--block", "--disable-usage-stats",
+                "--num-cpus", str(self.num_cpus), "--num-gpus", str(self.num_gpus), "--resources", json.dumps(self.resources),
+                "--ray-client-server-port", str(self.ports["client"]), "--dashboard-port", str(self.ports["dashboard"]),
+                *node_port_flags(self.ports, self.worker_ports), *node_ip_flags(self.node_ip),
+                "--temp-dir", str(self.temp_dir)]
 
     def start(self, timeout_s: float = 90.0) -> "LocalRayNode":
-        before = {n["node_id"] for n in alive_nodes(self.head)}
+        before = {n["node_id"] for n in alive_nodes(self.head)} if self.head else set()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent if self.tied else None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -70,47 +83,29 @@ class LocalRayNode:
                 tail = self.log_path.read_text(errors="replace")[-2000:].replace("\n", " | ")
                 self._cleanup()
                 raise RayHeadError(f"ray node exited with status {code}; its log ends: {tail}")
-            new = [n["node_id"] for n in alive_nodes(self.head)
-                   if n["node_id"] not in before and "node:__internal_head__" not in n.get("resources_total", {})]
-            if new:
-                self.node_id = new[0]
-                return self
+            if self.head is None:
+                if port_in_use(self.ports["node_manager"], self.node_ip or "127.0.0.1"):  # its raylet is up
+                    return self
+            else:
+                new = [n["node_id"] for n in alive_nodes(self.head)
+                       if n["node_id"] not in before and "node:__internal_head__" not in n.get("resources_total", {})]
+                if new:
+                    self.node_id = new[0]
+                    return self
             time.sleep(0.5)
         self.stop()
-        raise RayHeadError(f"ray node: not alive in the cluster of {self.head.dashboard} after {timeout_s:.0f} s")
+        raise RayHeadError(f"ray node: not alive in the cluster of {self.address} after {timeout_s:.0f} s")
 
     def pids(self) -> list[int]:
         """Every process of the node: its session (`ray start`, raylet, agents) and everything those
         started, the workers and actors its raylet forks included (they leave the session)."""
-        if self.proc is None:
-            return []
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-        mine = set(session_members(self.proc.pid))
-        grew = True
-        while grew:
-            before = len(mine)
-            mine |= {pid for pid, ppid in parents.items() if ppid in mine}
-            grew = len(mine) > before
-        return sorted(mine)
+        return [] if self.proc is None else session_tree(self.proc.pid)
 
     def kill(self) -> None:
         """The whole node at once, SIGKILL: no process of it gets to say goodbye to the head."""
         if self.proc is None:
             return
-        for _ in range(3):  # a process forked while we signal escapes one round, not three
-            for pid in self.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        kill_tree(self.proc.pid)
         self.proc.wait(timeout=10)
         self.proc = None
         self._cleanup()
