@@ -14,12 +14,20 @@
 # Dry run (prints the commands it would run, starts nothing; needs SLURM_JOB_NODELIST):
 #   slurm/gen_teacher.sh --dry-run [overrides]      or  GEN_TEACHER_DRY_RUN=1 slurm/gen_teacher.sh ...
 #
-# Environment knobs: GEN_TEACHER_CONFIG (configs/datagen-wan1.3b.yaml), RAY_HEAD_PORT (6379),
-# RAY_DASHBOARD_PORT (8265), GEN_TEACHER_NODE_TIMEOUT_S (600: wait for all nodes to join),
-# PYTHON (python). The dashboard (the job API) binds to 127.0.0.1 of the head node: the job is
-# submitted from there, and the API runs arbitrary code for whoever reaches it (ssh -L to watch it).
-# Teardown stops the Ray processes through their srun steps — never `ray stop`, which kills Ray
-# processes by name on the whole machine.
+# Each node's Ray runs under `python -m launch.ray_start` (launch/ray_start.py): every port it opens comes
+# from a free block of launch/ports.py on its machine (nodes sharing a host, as on the local test cluster,
+# or two jobs on one node never clash), in a temp dir of its own; the head writes its GCS and dashboard
+# ports to $GEN_TEACHER_STATE_DIR/gen_teacher-<job id>.ray.json, from which the workers join and the job
+# is submitted.
+#
+# Environment knobs: GEN_TEACHER_CONFIG (configs/datagen-wan1.3b.yaml), RAY_HEAD_PORT / RAY_DASHBOARD_PORT
+# (pin the head's GCS / dashboard port, e.g. for a firewall; default: from the head's block),
+# GEN_TEACHER_NODE_TIMEOUT_S (600: wait for all nodes to join), GEN_TEACHER_STATE_DIR (slurm/logs under
+# the submit dir; every node must see it), PYTHON (python). The dashboard (the job API) binds to
+# 127.0.0.1 of the head node: the job is submitted from there, and the API runs arbitrary code for
+# whoever reaches it (ssh -L to watch it). Teardown SIGTERMs the steps' tasks (scancel --signal=TERM),
+# and each launch.ray_start kills its Ray processes by PID — never `ray stop`, which kills Ray processes
+# by name on the whole machine.
 #
 #SBATCH --job-name=gen-teacher
 #SBATCH --nodes=2
@@ -45,9 +53,11 @@ show() { printf '%q ' "$@" | sed 's/ $//'; echo; }  # a command as one copy-past
 REPO=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 CONFIG=${GEN_TEACHER_CONFIG:-configs/datagen-wan1.3b.yaml}
 PYTHON=${PYTHON:-python}
-HEAD_PORT=${RAY_HEAD_PORT:-6379}
-DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+HEAD_PORT=${RAY_HEAD_PORT:-}
+DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-}
 NODE_TIMEOUT_S=${GEN_TEACHER_NODE_TIMEOUT_S:-600}
+STATE_DIR=${GEN_TEACHER_STATE_DIR:-$REPO/slurm/logs}
+PORTS_FILE=$STATE_DIR/gen_teacher-${SLURM_JOB_ID:-dry-run}.ray.json
 
 [[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set: submit with sbatch (or set it for --dry-run)"
 
@@ -88,8 +98,6 @@ if (( DRY_RUN )); then
 else
   HEAD_IP=$(srun --nodes=1 --ntasks=1 -w "$HEAD_NODE" hostname --ip-address | awk '{print $1}')
 fi
-RAY_ADDRESS_GCS="$HEAD_IP:$HEAD_PORT"
-DASHBOARD="http://127.0.0.1:$DASHBOARD_PORT"
 
 # One task per node holding all of the node's CPUs and GPUs: a step that asked for less would confine
 # Ray (and every actor it starts) to that share under cgroup task binding.
@@ -97,34 +105,47 @@ STEP_RESOURCES=(--cpus-per-task="$CPUS_PER_NODE")
 if (( GPUS_PER_NODE > 0 )); then
   STEP_RESOURCES+=(--gpus-per-task="$GPUS_PER_NODE")
 fi
-HEAD_CMD=(srun --nodes=1 --ntasks=1 -w "$HEAD_NODE" "${STEP_RESOURCES[@]}"
-  ray start --head --block --node-ip-address="$HEAD_IP" --port="$HEAD_PORT"
-  --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE"
-  --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats)
-WORKER_CMD=(srun --nodes="${#WORKER_NODES[@]}" --ntasks="${#WORKER_NODES[@]}" --ntasks-per-node=1
-  --exclude="$HEAD_NODE" "${STEP_RESOURCES[@]}"
-  ray start --block --address="$RAY_ADDRESS_GCS" --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE"
-  --disable-usage-stats)
-SUBMIT_CMD=(ray job submit --address "$DASHBOARD" --working-dir "$REPO" --
-  "$PYTHON" data_pipeline/gen_teacher.py --config "$CONFIG" "${OVERRIDES[@]}")
+HEAD_CMD=(srun --nodes=1 --ntasks=1 -w "$HEAD_NODE" "${STEP_RESOURCES[@]}" --chdir="$REPO"
+  "$PYTHON" -m launch.ray_start head --node-ip-address="$HEAD_IP"
+  --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --ports-file="$PORTS_FILE"
+  ${HEAD_PORT:+--port="$HEAD_PORT"} ${DASHBOARD_PORT:+--dashboard-port="$DASHBOARD_PORT"})
+
+# The commands that need the head's ports (pinned, or read from $PORTS_FILE once the head is up).
+node_commands() {
+  WORKER_CMD=(srun --nodes="${#WORKER_NODES[@]}" --ntasks="${#WORKER_NODES[@]}" --ntasks-per-node=1
+    --exclude="$HEAD_NODE" "${STEP_RESOURCES[@]}" --chdir="$REPO"
+    "$PYTHON" -m launch.ray_start node --address="$HEAD_IP:$1" --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE")
+  DASHBOARD="http://127.0.0.1:$2"
+  SUBMIT_CMD=(ray job submit --address "$DASHBOARD" --working-dir "$REPO" --
+    "$PYTHON" data_pipeline/gen_teacher.py --config "$CONFIG" "${OVERRIDES[@]}")
+}
 
 if (( DRY_RUN )); then
+  node_commands "${HEAD_PORT:-GCS_PORT}" "${DASHBOARD_PORT:-DASHBOARD_PORT}"
+  [[ -n "$HEAD_PORT" && -n "$DASHBOARD_PORT" ]] || echo "ports: GCS_PORT / DASHBOARD_PORT: the head's, read from $PORTS_FILE"
   echo "head: $(show "${HEAD_CMD[@]}")"
   if (( ${#WORKER_NODES[@]} > 0 )); then
     echo "workers: $(show "${WORKER_CMD[@]}")"
   fi
   echo "wait: until ${#NODES[@]} node(s) are alive at $DASHBOARD (at most ${NODE_TIMEOUT_S} s)"
   echo "submit: $(show "${SUBMIT_CMD[@]}")"
-  echo "teardown: SIGTERM to the srun steps above, then wait for them"
+  echo "teardown: $(show scancel --signal=TERM "${SLURM_JOB_ID:-JOB_ID}") (the steps' tasks), then wait for the srun steps"
   exit 0
 fi
 
 STEP_PIDS=()
 teardown() {
-  local status=$?
+  local status=$? deadline=$(( SECONDS + 30 )) pid
   log "tearing down the Ray cluster (srun steps: ${STEP_PIDS[*]:-none})"
+  # SIGTERM to the steps' tasks (not the batch shell): each launch.ray_start kills its Ray and removes
+  # its temp dir. A SIGTERM to srun itself would cancel the step, and that SIGKILLs the tasks.
+  scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+  for pid in "${STEP_PIDS[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && (( SECONDS < deadline )); do sleep 0.5; done
+  done
   for pid in "${STEP_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${STEP_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -f "$PORTS_FILE"
   exit "$status"
 }
 trap teardown EXIT
@@ -148,10 +169,24 @@ wait_for_nodes() {  # wait_for_nodes N: until N Ray nodes are alive (or a step d
   done
 }
 
-log "Ray head on $HEAD_NODE ($RAY_ADDRESS_GCS); $GPUS_PER_NODE GPU(s), $CPUS_PER_NODE CPU(s) per node"
+head_ports() {  # "GCS DASHBOARD" from the head's ports file, once it is there
+  "$PYTHON" -c 'import json, sys; p = json.load(open(sys.argv[1])); print(p["gcs"], p["dashboard"])' "$PORTS_FILE" 2>/dev/null
+}
+
+mkdir -p "$STATE_DIR"
+rm -f "$PORTS_FILE"  # a requeued job's previous head wrote one
+log "Ray head on $HEAD_NODE ($HEAD_IP); $GPUS_PER_NODE GPU(s), $CPUS_PER_NODE CPU(s) per node"
 "${HEAD_CMD[@]}" &
 STEP_PIDS+=($!)
-wait_for_nodes 1  # the workers need the head's GCS to be up
+deadline=$(( SECONDS + NODE_TIMEOUT_S ))
+until PORTS=$(head_ports); do
+  (( SECONDS < deadline )) || die "the Ray head on $HEAD_NODE did not come up within ${NODE_TIMEOUT_S} s"
+  kill -0 "${STEP_PIDS[0]}" 2>/dev/null || die "the Ray head's srun step exited before the head was up"
+  sleep 1
+done
+read -r GCS_PORT DASHBOARD_PORT <<<"$PORTS"
+node_commands "$GCS_PORT" "$DASHBOARD_PORT"
+log "Ray head up: GCS $HEAD_IP:$GCS_PORT, job API $DASHBOARD"
 if (( ${#WORKER_NODES[@]} > 0 )); then
   log "Ray workers on ${WORKER_NODES[*]}"
   "${WORKER_CMD[@]}" &

@@ -1,17 +1,25 @@
 """slurm/gen_teacher.sh (issue 3, "must show" 4): `bash -n`, and a dry run under a fake SLURM
-allocation prints the head / worker / submit commands it would run, and runs none of them."""
+allocation prints the head / worker / submit commands it would run, and runs none of them. The real
+`sbatch --nodes=2` run on the local two-node SLURM cluster (tests/slurm/local_cluster.sh with
+SLURM_LOCAL_NODES=2): the Ray head on node1, a worker on node2, the job's shards written on both."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
-from datagen_utils import REPO_ROOT
+from datagen_utils import REPO_ROOT, write_prompts_csv
+from gd_train.data.shards import decode_sample
 
 SCRIPT = REPO_ROOT / "slurm" / "gen_teacher.sh"
 
@@ -76,26 +84,28 @@ def test_dry_run_prints_head_worker_and_submit_commands(fake_bin, tmp_path, with
     commands = printed(result.stdout)
 
     head = commands["head"]
-    assert head[:head.index("ray")] == ["srun", "--nodes=1", "--ntasks=1", "-w", "dgx-a07", "--cpus-per-task=112",
-                                        "--gpus-per-task=8"]
-    ray_head = head[head.index("ray"):]
-    assert ray_head[:4] == ["ray", "start", "--head", "--block"]
-    assert {"--port=6379", "--num-gpus=8", "--num-cpus=112", "--dashboard-host=127.0.0.1",
-            "--dashboard-port=8265"} <= set(ray_head)
+    python = head.index(sys.executable)
+    assert head[:python] == ["srun", "--nodes=1", "--ntasks=1", "-w", "dgx-a07", "--cpus-per-task=112",
+                             "--gpus-per-task=8", f"--chdir={REPO_ROOT}"]
+    ports_file = f"--ports-file={REPO_ROOT}/slurm/logs/gen_teacher-4242.ray.json"
+    # Every port from a block of launch/ports.py on the node (none pinned): the head writes them to the file.
+    assert head[python + 1:] == ["-m", "launch.ray_start", "head", "--node-ip-address=dgx-a07", "--num-cpus=112",
+                                 "--num-gpus=8", ports_file]
+    assert "read from " + ports_file.split("=", 1)[1] in result.stdout
 
     workers = commands["workers"]
     assert workers[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--exclude=dgx-a07"]
-    assert workers[workers.index("ray"):][:3] == ["ray", "start", "--block"]
-    assert "--address=dgx-a07:6379" in workers
+    assert workers[workers.index(sys.executable) + 1:] == ["-m", "launch.ray_start", "node", "--address=dgx-a07:GCS_PORT",
+                                                          "--num-cpus=112", "--num-gpus=8"]
 
     submit = commands["submit"]
-    assert submit[:6] == ["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir"]
+    assert submit[:6] == ["ray", "job", "submit", "--address", "http://127.0.0.1:DASHBOARD_PORT", "--working-dir"]
     entry = submit[submit.index("--") + 1:]
     assert entry == [sys.executable, "data_pipeline/gen_teacher.py", "--config", "configs/datagen-wan1.3b.yaml",
                      "datagen.num_workers=0", "datagen.num_gpus_per_worker=1",
                      "prompts_csv=/data/OpenVidHD.csv", "output_dir=/shared/teacher shards"]
     assert commands["head address"] == ["srun", "--nodes=1", "--ntasks=1", "-w", "dgx-a07", "hostname", "--ip-address"]
-    assert "teardown:" in result.stdout and "3 node(s): head dgx-a07, workers: dgx-a08 dgx-a09" in result.stderr
+    assert "teardown: scancel --signal=TERM 4242" in result.stdout and "3 node(s): head dgx-a07, workers: dgx-a08 dgx-a09" in result.stderr
 
 
 def test_dry_run_by_environment_on_one_cpu_node(fake_bin):
@@ -107,7 +117,8 @@ def test_dry_run_by_environment_on_one_cpu_node(fake_bin):
     assert result.returncode == 0, result.stderr
     commands = printed(result.stdout)
     assert "workers" not in commands  # a one-node allocation is the head alone
-    assert "--gpus-per-task" not in " ".join(commands["head"]) and "--port=7000" in commands["head"]
+    assert "--gpus-per-task" not in " ".join(commands["head"])
+    assert {"--port=7000", "--dashboard-port=9000"} <= set(commands["head"])  # pinned: outside the block
     entry = commands["submit"][commands["submit"].index("--") + 1:]
     assert entry[1:] == ["data_pipeline/gen_teacher.py", "--config", "configs/my_datagen.yaml", "output_dir=/scratch/out"]
     assert commands["submit"][4] == "http://127.0.0.1:9000"
@@ -123,3 +134,93 @@ def test_outside_an_allocation_or_on_an_unreadable_one_it_fails_in_one_line(fake
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "cannot expand SLURM_JOB_NODELIST='gpu[01-0x]'" in result.stderr
     assert not calls.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# For real: sbatch --nodes=2 on the local two-node SLURM cluster
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    from slurm_utils import ClusterUnavailable, start_cluster, stop_cluster
+
+    try:
+        env, started_here = start_cluster(nodes=2)
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    yield env
+    if started_here:
+        stop_cluster(env)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _job_processes(job_id: str) -> list[int]:
+    """Processes of the job still alive on this machine: Ray's own inherit SLURM_JOB_ID from their srun task,
+    and sit in sessions of their own, where SLURM's process-group tracking does not reach them."""
+    from ray_utils import running
+
+    return [int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and _environ(int(e.name)).get("SLURM_JOB_ID") == job_id and running(int(e.name))]
+
+
+@pytest.mark.slow
+def test_sbatch_on_two_nodes_runs_the_head_on_the_first_a_worker_on_the_second_and_shards_land_on_both(cluster,
+                                                                                                      tmp_path):
+    from launch.ray_head import ray_env
+    from ray_utils import Paused, attempts_seen
+    from slurm_utils import FINISHED, job, sbatch, wait_until
+
+    csv, out = tmp_path / "prompts.csv", tmp_path / "shards"
+    expected, _ = write_prompts_csv(csv, valid=9)
+    env = {**cluster, "PATH": ray_env()["PATH"], "RAY_AUTH_MODE": "disabled", "PYTHON": sys.executable,
+           "GEN_TEACHER_CONFIG": "configs/datagen.yaml", "GEN_TEACHER_STATE_DIR": str(tmp_path),
+           "GEN_TEACHER_NODE_TIMEOUT_S": "240"}
+    job_id = sbatch(["--nodes=2", f"--output={tmp_path}/job-%j.log", "slurm/gen_teacher.sh", f"prompts_csv={csv}",
+                     f"output_dir={out}", "datagen.samples_per_shard=3", "datagen.num_workers=2",
+                     "datagen.num_inference_steps=8"], env)
+    log, ports_file = tmp_path / f"job-{job_id}.log", tmp_path / f"gen_teacher-{job_id}.ray.json"
+    seen: dict[tuple[str, int], int] = {}
+    nodes: dict[int, str] = {}
+    deadline = time.monotonic() + 400
+    try:
+        # Until actors of both nodes have started a shard, the one that got ahead is paused mid-shard
+        # (tests/ray_utils.py: else the first actor up may write all three).
+        with Paused() as paused:
+            while (state := job(job_id, cluster).get("JobState")) not in FINISHED:
+                assert time.monotonic() < deadline, log.read_text()[-4000:] if log.is_file() else "no log"
+                attempts_seen(out, seen)
+                for pid in seen.values():
+                    nodes.setdefault(pid, _environ(pid).get("SLURMD_NODENAME", "?"))
+                if len(set(nodes.values())) == 1:
+                    for pid in nodes:
+                        paused.pause(pid)
+                else:
+                    paused.resume_all()
+                time.sleep(0.05)
+    finally:
+        subprocess.run(["scancel", job_id], env=cluster, capture_output=True, timeout=30)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert "Ray head on node1" in text and "ray_start: head up" in text and "ray_start: node up" in text, text[-4000:]
+    assert "all 2 node(s) alive" in text
+    # Torn down by SIGTERM to the steps' tasks: both Rays killed by their launch.ray_start, temp dirs gone.
+    assert "ray_start: head: SIGTERM: stopping" in text and "ray_start: node: SIGTERM: stopping" in text, text[-3000:]
+    temp_dirs = re.findall(r"ray_start: \w+ up on ports .*, temp dir (\S+)", text)
+    assert len(temp_dirs) == 2 and not any(Path(d).exists() for d in temp_dirs), temp_dirs
+    # Shards written by actors on both nodes (SLURM's node name in each writer's environment; the report's
+    # Ray node ids agree), each prompt exactly once; nothing left over, no Ray process outlives the job.
+    assert sorted(set(nodes.values())) == ["node1", "node2"], (nodes, seen)
+    report = json.loads((out / "gen_teacher_report.json").read_text())
+    assert report["status"] == "complete" and report["failed_attempts"] == []
+    assert len({w["node"] for w in report["written_shards"]}) == 2, report["written_shards"]
+    tars = wds.tarfile_samples([{"url": str(p)} for p in sorted(out.glob("shard-*.tar"))])
+    counts = Counter(decode_sample(raw).key for raw in tars)
+    assert set(counts) == set(expected) and set(counts.values()) == {1}
+    assert not ports_file.exists() and not list(out.glob("*.partial"))
+    wait_until(lambda: not _job_processes(job_id), 30, lambda: f"left behind: {_job_processes(job_id)}", poll_s=0.5)
