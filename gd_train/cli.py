@@ -235,6 +235,17 @@ def ckpt_show(args: argparse.Namespace) -> int:
             peft_cfg = json.loads(config_path.read_text())
             print(f"adapter {name}: rank {peft_cfg.get('r')}, alpha {peft_cfg.get('lora_alpha')}, "
                   f"targets {sorted(peft_cfg.get('target_modules') or [])}")
+    training = folder / checkpoint.TRAINING_FILE
+    if manifest.format == checkpoint.FORMAT_V1:
+        print(f"trainable state: only in DeepSpeed's pickled files ({checkpoint.FORMAT_V1}): not resumable; its "
+              f"adapters can start a new run (train.init_from)")
+    elif training.is_file():
+        meta = json.loads(training.read_text())
+        trained = [p for p in meta["params"].values() if p["step"] is not None]
+        steps = "/".join(str(s) for s in sorted({p["step"] for p in trained})) or "-"
+        print(f"trainable state: {len(meta['params'])} weights, {len(trained)} with AdamW moments (step {steps}), "
+              f"written by {meta['world_size']} rank(s) under ZeRO-{meta['zero_stage']}; resumes on any world size "
+              f"and ZeRO stage")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(folder)}  {path.stat().st_size} bytes")
     return 0

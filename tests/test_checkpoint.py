@@ -101,6 +101,7 @@ def test_ckpt_ls_and_show(zero3_run):
     assert "* step-00000003" in listing and "final" in listing
     shown = run_cli("ckpt", "show", str(zero3_run)).stdout
     assert '"step": 3' in shown and "adapter sdd: rank 4" in shown and "trainer/rank-00001.json" in shown
+    assert "with AdamW moments (step 3), written by 2 rank(s) under ZeRO-3; resumes on any world size" in shown
 
 
 def test_checkpoint_folder_resolution_is_strict(zero3_run, tmp_path):
@@ -249,5 +250,6 @@ def test_no_load_path_runs_a_planted_pickle(planted, tmp_path, capsys):
     assert main(["resume", str(old), "--nproc", "2", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no longer loads" in err and "train.init_from=" in err
+    assert main(["ckpt", "show", str(old)]) == 0 and "(gd-train/checkpoint/v1): not resumable" in capsys.readouterr().out
     student.load_adapters(adapters_folder(old))
     assert not marker.exists()
