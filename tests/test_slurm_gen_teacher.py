@@ -181,6 +181,8 @@ def test_sbatch_on_two_nodes_runs_the_head_on_the_first_a_worker_on_the_second_a
     env = {**cluster, "PATH": ray_env()["PATH"], "RAY_AUTH_MODE": "disabled", "PYTHON": sys.executable,
            "GEN_TEACHER_CONFIG": "configs/datagen.yaml", "GEN_TEACHER_STATE_DIR": str(tmp_path),
            "GEN_TEACHER_NODE_TIMEOUT_S": "240"}
+    started = time.monotonic()
+    timeline: dict[str, float] = {}
     job_id = sbatch(["--nodes=2", f"--output={tmp_path}/job-%j.log", "slurm/gen_teacher.sh", f"prompts_csv={csv}",
                      f"output_dir={out}", "datagen.samples_per_shard=3", "datagen.num_workers=2",
                      "datagen.num_inference_steps=8"], env)
@@ -194,17 +196,24 @@ def test_sbatch_on_two_nodes_runs_the_head_on_the_first_a_worker_on_the_second_a
         with Paused() as paused:
             while (state := job(job_id, cluster).get("JobState")) not in FINISHED:
                 assert time.monotonic() < deadline, log.read_text()[-4000:] if log.is_file() else "no log"
+                if ports_file.is_file():
+                    timeline.setdefault("head up", time.monotonic() - started)
                 attempts_seen(out, seen)
                 for pid in seen.values():
-                    nodes.setdefault(pid, _environ(pid).get("SLURMD_NODENAME", "?"))
+                    if pid not in nodes:
+                        nodes[pid] = _environ(pid).get("SLURMD_NODENAME", "?")
+                        timeline.setdefault(f"first shard on {nodes[pid]}", time.monotonic() - started)
                 if len(set(nodes.values())) == 1:
                     for pid in nodes:
                         paused.pause(pid)
                 else:
                     paused.resume_all()
                 time.sleep(0.05)
+        timeline["job ended"] = time.monotonic() - started
     finally:
         subprocess.run(["scancel", job_id], env=cluster, capture_output=True, timeout=30)
+    print("\nsbatch --nodes=2 slurm/gen_teacher.sh, seconds from sbatch: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(timeline.items(), key=lambda kv: kv[1])))
     text = log.read_text()
     assert state == "COMPLETED", text[-4000:]
     assert "Ray head on node1" in text and "ray_start: head up" in text and "ray_start: node up" in text, text[-4000:]
