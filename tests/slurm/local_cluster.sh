@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # local_cluster.sh - a real SLURM cluster on this machine, so that tests can `sbatch` / `srun` /
 # `scontrol requeue` the project's real job scripts: one node (tests/test_slurm_stage1.py), or
-# SLURM_LOCAL_NODES=2 nodes (tests/test_slurm_two_nodes.py).
+# SLURM_LOCAL_NODES=2 nodes (tests/test_slurm_two_nodes.py, tests/test_slurm_gen_teacher.py).
 #
 # The project's copy of a recipe verified on Debian 12 (bookworm), slurm-wlm 22.05.8-4+deb12u3,
 # munge 0.5.15, as root on a 2-core VM whose PID 1 is not systemd (the package postinst cannot start
