@@ -210,6 +210,11 @@ def test_state_reloads_exactly_on_other_world_sizes_and_zero_stages(planted, tmp
         assert not different, f"reload {i} ({nproc} rank(s), ZeRO-{stage}): {different[:3]}"
         for part in ("params", "param_groups", "lr_scheduler", "engine"):
             assert got_meta[part] == meta[part], part
+        # The weights the modules compute with were set too: the export is read from them.
+        exported = resolve(run) / "adapters"
+        for path in sorted(exported.rglob("*.safetensors")):
+            want, have = load_file(str(path)), load_file(str(folder / "adapters" / path.relative_to(exported)))
+            assert sorted(want) == sorted(have) and all(torch.equal(want[k], have[k]) for k in want), path
         # Another world size: RNG states seeded from (seed, step, rank), not taken from a saved rank.
         seed_rng(derived_seed(_config_seed(folder), 3, 0))
         rng = json.loads((folder / "trainer" / "rank-00000.json").read_text())["rng"]
