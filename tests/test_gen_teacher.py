@@ -34,8 +34,10 @@ CONFIG = "configs/datagen.yaml"
 
 
 def command(csv: Path, out: Path, *overrides: str) -> list[str]:
+    # One length (the config's default mixes three): this module's counts and shapes are fixed-length
+    # ones; the mixed-length job is its own test below (overrides given later win).
     return ["python", "data_pipeline/gen_teacher.py", "--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}",
-            *overrides]
+            "datagen.lengths.mode=fixed", *overrides]
 
 
 def all_samples(folder: Path):
@@ -97,7 +99,7 @@ def test_ray_job_writes_each_valid_prompt_exactly_once(clean_run, prompts):
     assert not list(out.glob("*.partial"))
 
     # Each sample carries its seed (from its key), its source row and the sampling settings.
-    cfg = load_config(CONFIG, [f"prompts_csv={csv}"])
+    cfg = load_config(CONFIG, [f"prompts_csv={csv}", "datagen.lengths.mode=fixed"])
     rows = {p.key: p.row for p in read_prompts(csv, cfg.datagen.filters)[0]}
     for s in samples:
         assert s.meta["seed"] == sample_seed(0, s.key) and s.meta["source_row"] == rows[s.key]
@@ -116,7 +118,7 @@ def test_ray_job_writes_each_valid_prompt_exactly_once(clean_run, prompts):
 def test_a_sample_is_reproduced_from_its_key(clean_run, prompts, tmp_path):
     out, _ = clean_run
     stored = all_samples(out)[9]
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIG, ["datagen.lengths.mode=fixed"])
     worker = TeacherWorker(gen_teacher.as_container(cfg), str(tmp_path))
     prompt = next(p for p in read_prompts(prompts[0], cfg.datagen.filters)[0] if p.key == stored.key)
     again = worker.sample([prompt])[0]
@@ -157,7 +159,7 @@ def test_direct_run_starts_its_own_ray_and_writes_previews(prompts, tmp_path):
     proc = subprocess.Popen(
         ["python", "data_pipeline/gen_teacher.py", "--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}",
          "datagen.num_workers=1", "datagen.filters.max_prompts=3", "datagen.samples_per_shard=2",
-         "datagen.preview_fraction=1.0"],
+         "datagen.preview_fraction=1.0", "datagen.lengths.mode=fixed"],
         cwd=REPO_ROOT, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     try:
@@ -203,13 +205,13 @@ def test_bad_input_fails_at_start_in_one_line(tmp_path, capsys, monkeypatch):
 def test_rerun_into_a_folder_of_other_settings_or_prompts_is_refused(clean_run, prompts, tmp_path, capsys):
     out, _ = clean_run
     csv, _, _ = prompts
-    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}",
+    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={csv}", f"output_dir={out}", "datagen.lengths.mode=fixed",
                              "datagen.num_inference_steps=5"]) == 2
     assert "made with other settings (num_inference_steps=4); this run has (num_inference_steps=5)" in capsys.readouterr().err
     fewer = tmp_path / "fewer.csv"
     lines = csv.read_bytes().split(b"\n")
     fewer.write_bytes(b"\n".join(lines[:1] + lines[3:]))  # drop the first prompt: every shard shifts
-    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={fewer}", f"output_dir={out}"]) == 2
+    assert gen_teacher.main(["--config", CONFIG, f"prompts_csv={fewer}", f"output_dir={out}", "datagen.lengths.mode=fixed"]) == 2
     assert "holds other prompts than this run plans for it" in capsys.readouterr().err
 
 
