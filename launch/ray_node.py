@@ -66,7 +66,8 @@ class LocalRayNode:
 
     def command(self) -> list[str]:
         return ["ray", "start", "--address", self.address, "--block", "--disable-usage-stats",
-                "--num-cpus", str(self.num_cpus), "--num-gpus", str(self.num_gpus), "--resources", json.dumps(self.resources),
+                "--num-cpus", str(self.num_cpus), "--num-gpus", str(self.num_gpus),
+                "--resources", json.dumps(self.resources),
                 "--ray-client-server-port", str(self.ports["client"]), "--dashboard-port", str(self.ports["dashboard"]),
                 *node_port_flags(self.ports, self.worker_ports), *node_ip_flags(self.node_ip),
                 "--temp-dir", str(self.temp_dir)]

@@ -95,8 +95,8 @@ def test_dry_run_prints_head_worker_and_submit_commands(fake_bin, tmp_path, with
 
     workers = commands["workers"]
     assert workers[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--exclude=dgx-a07"]
-    assert workers[workers.index(sys.executable) + 1:] == ["-m", "launch.ray_start", "node", "--address=dgx-a07:GCS_PORT",
-                                                          "--num-cpus=112", "--num-gpus=8"]
+    assert workers[workers.index(sys.executable) + 1:] == ["-m", "launch.ray_start", "node",
+                                                          "--address=dgx-a07:GCS_PORT", "--num-cpus=112", "--num-gpus=8"]
 
     submit = commands["submit"]
     assert submit[:6] == ["ray", "job", "submit", "--address", "http://127.0.0.1:DASHBOARD_PORT", "--working-dir"]
@@ -105,7 +105,8 @@ def test_dry_run_prints_head_worker_and_submit_commands(fake_bin, tmp_path, with
                      "datagen.num_workers=0", "datagen.num_gpus_per_worker=1",
                      "prompts_csv=/data/OpenVidHD.csv", "output_dir=/shared/teacher shards"]
     assert commands["head address"] == ["srun", "--nodes=1", "--ntasks=1", "-w", "dgx-a07", "hostname", "--ip-address"]
-    assert "teardown: scancel --signal=TERM 4242" in result.stdout and "3 node(s): head dgx-a07, workers: dgx-a08 dgx-a09" in result.stderr
+    assert "teardown: scancel --signal=TERM 4242" in result.stdout
+    assert "3 node(s): head dgx-a07, workers: dgx-a08 dgx-a09" in result.stderr
 
 
 def test_dry_run_by_environment_on_one_cpu_node(fake_bin):
