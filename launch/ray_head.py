@@ -97,6 +97,17 @@ def kill_tree(session_id: int) -> None:
         time.sleep(0.1)
 
 
+def kill_now(node) -> None:
+    """SIGKILL every process of a local Ray head or node (`proc`: its `ray start`, in a session of its
+    own) at once, then free what it held (`_cleanup`)."""
+    if node.proc is None:
+        return
+    kill_tree(node.proc.pid)
+    node.proc.wait(timeout=10)
+    node.proc = None
+    node._cleanup()
+
+
 def die_with_parent() -> None:
     """preexec_fn: the kernel sends this child SIGTERM when the process that started it dies, however it
     dies (`ray start --block` then stops every process it started; their workers follow their raylet)."""
@@ -241,12 +252,7 @@ class LocalRayHead:
 
     def kill(self) -> None:
         """Every process of the head at once, SIGKILL (a teardown that cannot wait for a clean stop)."""
-        if self.proc is None:
-            return
-        kill_tree(self.proc.pid)
-        self.proc.wait(timeout=10)
-        self.proc = None
-        self._cleanup()
+        kill_now(self)
 
     def stop(self) -> None:
         if self.proc is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.ports import PortError, reserve
-from launch.ray_head import (LocalRayHead, RayHeadError, die_with_parent, kill_tree, node_ip_flags, node_port_flags, port_in_use,
+from launch.ray_head import (LocalRayHead, RayHeadError, die_with_parent, kill_now, node_ip_flags, node_port_flags, port_in_use,
                              ray_env, session_tree)
 
 # "client" and "dashboard" are head-only and never opened here, but `ray start` checks every port it
@@ -104,12 +104,7 @@ class LocalRayNode:
 
     def kill(self) -> None:
         """The whole node at once, SIGKILL: no process of it gets to say goodbye to the head."""
-        if self.proc is None:
-            return
-        kill_tree(self.proc.pid)
-        self.proc.wait(timeout=10)
-        self.proc = None
-        self._cleanup()
+        kill_now(self)
 
     def stop(self) -> None:
         if self.proc is None:

@@ -51,6 +51,20 @@ def stop_cluster(env: dict[str, str]) -> None:
     subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, env=env, timeout=180)
 
 
+def cluster_for_module(nodes: int):
+    """The body of a module-scoped `cluster` fixture: the local cluster's client environment (the test
+    skips where no cluster can start), stopped afterwards if this call started it."""
+    import pytest
+
+    try:
+        env, started_here = start_cluster(nodes=nodes)
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    yield env
+    if started_here:
+        stop_cluster(env)
+
+
 def job(job_id: str, env: dict[str, str]) -> dict[str, str]:
     out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
@@ -74,7 +88,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: Callable[[
         time.sleep(poll_s)
 
 
-def _environ(pid: int) -> dict[str, str]:
+def process_environ(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
@@ -100,7 +114,7 @@ def job_processes(job_id: str, node_id: int, module: str) -> list[int]:
         cmd = _cmdline(pid)
         if module not in cmd or "--dry-run" in cmd:
             continue
-        env = _environ(pid)
+        env = process_environ(pid)
         if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_NODEID") == str(node_id) \
                 and env.get("SLURM_STEP_ID", "batch") not in ("batch", "extern"):
             pids.append(pid)

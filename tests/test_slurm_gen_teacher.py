@@ -142,32 +142,19 @@ def test_outside_an_allocation_or_on_an_unreadable_one_it_fails_in_one_line(fake
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
-    from slurm_utils import ClusterUnavailable, start_cluster, stop_cluster
+    from slurm_utils import cluster_for_module
 
-    try:
-        env, started_here = start_cluster(nodes=2)
-    except ClusterUnavailable as exc:
-        pytest.skip(str(exc))
-    yield env
-    if started_here:
-        stop_cluster(env)
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+    yield from cluster_for_module(nodes=2)
 
 
 def _job_processes(job_id: str) -> list[int]:
     """Processes of the job still alive on this machine: Ray's own inherit SLURM_JOB_ID from their srun task,
     and sit in sessions of their own, where SLURM's process-group tracking does not reach them."""
     from ray_utils import running
+    from slurm_utils import process_environ
 
     return [int(e.name) for e in Path("/proc").iterdir()
-            if e.name.isdigit() and _environ(int(e.name)).get("SLURM_JOB_ID") == job_id and running(int(e.name))]
+            if e.name.isdigit() and process_environ(int(e.name)).get("SLURM_JOB_ID") == job_id and running(int(e.name))]
 
 
 @pytest.mark.slow
@@ -175,7 +162,7 @@ def test_sbatch_on_two_nodes_runs_the_head_on_the_first_a_worker_on_the_second_a
                                                                                                       tmp_path):
     from launch.ray_head import ray_env
     from ray_utils import Paused, attempts_seen
-    from slurm_utils import FINISHED, job, sbatch, wait_until
+    from slurm_utils import FINISHED, job, process_environ, sbatch, wait_until
 
     csv, out = tmp_path / "prompts.csv", tmp_path / "shards"
     expected, _ = write_prompts_csv(csv, valid=9)
@@ -202,7 +189,7 @@ def test_sbatch_on_two_nodes_runs_the_head_on_the_first_a_worker_on_the_second_a
                 attempts_seen(out, seen)
                 for pid in seen.values():
                     if pid not in nodes:
-                        nodes[pid] = _environ(pid).get("SLURMD_NODENAME", "?")
+                        nodes[pid] = process_environ(pid).get("SLURMD_NODENAME", "?")
                         timeline.setdefault(f"first shard on {nodes[pid]}", time.monotonic() - started)
                 if len(set(nodes.values())) == 1:
                     for pid in nodes:

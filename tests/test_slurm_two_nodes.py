@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_utils import (FINISHED, ClusterUnavailable, job, job_processes, kill_process_group, launcher_pid, sbatch,
-                         start_cluster, stop_cluster, wait_until)
+from slurm_utils import FINISHED, cluster_for_module, job, job_processes, kill_process_group, launcher_pid, sbatch, wait_until
 from train_utils import REPO_ROOT, TINY_STAGE1, latest, metrics, trace, write_tiny_shards
 
 STEPS = 8  # 16 samples, 4 per step (1 x 2 accumulation x 2 ranks), 2 epochs
@@ -32,13 +31,7 @@ NODE_EXIT_BOUND_S = 60  # node 1's ranks must be gone this soon after node 2 die
 
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        env, started_here = start_cluster(nodes=2)
-    except ClusterUnavailable as exc:
-        pytest.skip(str(exc))
-    yield env
-    if started_here:
-        stop_cluster(env)
+    yield from cluster_for_module(nodes=2)
 
 
 def _steps(run_dir: Path) -> list[int]:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field, replace

@@ -140,7 +140,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def run(self) -> None:
-        state, plan = self.state, self.plan
+        state = self.state
         steps = _steps(self.reader, self.cfg.train.epochs)
         if self.evaluation is not None and state.step == 0:
             self._evaluate(0)  # the untrained student, the reference every later evaluation is read against
