@@ -180,7 +180,7 @@ def resume(args: argparse.Namespace) -> int:
     # Any world size resumes (per-parameter state, a global data position); the global batch must
     # still divide over it (one line from BatchPlan), and a v1 checkpoint is refused.
     checkpoint.check_resumable(folder, checkpoint.Manifest.read(folder))
-    BatchPlan.from_config(cfg.train, world_size)
+    BatchPlan.from_config(cfg.train, world_size, resuming=True)
     if not args.dry_run:
         _check_data(cfg, world_size)
     worker = [*WORKER, "--run-dir", str(run_dir), "--resume", *args.overrides]

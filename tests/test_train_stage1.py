@@ -167,7 +167,8 @@ def test_resume_refuses_what_it_cannot_continue(shards, run_a, tmp_path):
     proc = run_cli("resume", str(run_a), "--nproc", "3", check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
-    assert "4 is not divisible by train.micro_batch_size 1 x world size 3" in line and line.startswith("gd-train: error:")
+    assert ("the run's global batch of 4 samples cannot be kept on 3 rank(s) (micro-batch 1); resume on a number of "
+            "ranks that divides 4 (1, 2, 4)") in line and line.startswith("gd-train: error:")
     assert run_cli("resume", str(run_a), "--nproc", "1", "--dry-run").returncode == 0
 
     # `latest` naming a folder that is not complete.

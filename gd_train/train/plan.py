@@ -31,12 +31,19 @@ class BatchPlan:
     accumulation_steps: int
 
     @classmethod
-    def from_config(cls, train: DictConfig, world_size: int) -> "BatchPlan":
+    def from_config(cls, train: DictConfig, world_size: int, resuming: bool = False) -> "BatchPlan":
+        """`resuming`: the global batch is the run's and stays; the remedy is another number of ranks."""
         g, m = int(train.global_batch_size), int(train.micro_batch_size)
         if m < 1 or g < 1 or world_size < 1:
             raise ConfigError(f"key 'train.global_batch_size'/'train.micro_batch_size': expected positive values, "
                               f"got global {g}, micro {m} (world size {world_size})")
         per_step = m * world_size
+        if g % per_step and resuming:
+            fits = [n for n in range(1, g // m + 1) if (g // m) % n == 0 and g % m == 0]
+            raise ConfigError(
+                f"key 'train.global_batch_size': the run's global batch of {g} samples cannot be kept on {world_size} "
+                f"rank(s) (micro-batch {m}); resume on a number of ranks that divides {g // m if g % m == 0 else g}"
+                + (f" ({', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''})" if fits else ""))
         if g % per_step:
             raise ConfigError(
                 f"key 'train.global_batch_size': {g} is not divisible by train.micro_batch_size {m} x world size "
