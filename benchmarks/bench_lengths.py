@@ -1,8 +1,8 @@
 """Clip length vs training cost (issue 12): stage-1 throughput per length bucket, measured on this machine,
 and FLOPs, activation memory and the largest micro-batch per length at the full 1.3B size, computed.
 
-    python benchmarks/bench_lengths.py                          # everything (~10 min on 2 loaded cores)
-    python benchmarks/bench_lengths.py --parts meta             # the full-size computation only (~1 min)
+    python benchmarks/bench_lengths.py                          # everything (~11 min on 2 loaded cores)
+    python benchmarks/bench_lengths.py --parts meta             # the full-size computation only (~5 min)
     python benchmarks/bench_lengths.py --tiny-steps 8 --mid-steps 3 --lengths 2,5,8
 
 Measured: real `gd-train stage1` runs on 1 rank (benchmarks/bench_train.py's `run`) over shards of mixed
@@ -11,7 +11,8 @@ is one optimizer step of one length; per length, medians of `throughput_by_lengt
 `.../samples_per_s` over its steps after its first (which builds that length's masks and RoPE tables).
 Tokens are the trainer's: latent frames x tokens per frame x samples. Each run is exactly one epoch, so
 every length gets the same number of steps. Sizes: the tiny config, and the mid-size one of
-benchmarks/bench_full_arch.py (4 Wan2.1-1.3B-wide blocks at 32x32 px, activation checkpointing on).
+benchmarks/bench_full_arch.py (4 Wan2.1-1.3B-wide blocks, activation checkpointing on) at its 32x32 px and at
+64x64 px (4 and 16 tokens per latent frame).
 
 Computed on the meta device (nothing allocated), full Wan2.1-T2V-1.3B at 832x480, bf16 base, rank-64
 LoRA: FLOPs per sample (benchmarks/flops.py's `stage1_step_flops`) and an activation-memory estimate per
@@ -46,7 +47,8 @@ from train_utils import TINY_STAGE1, write_tiny_shards  # noqa: E402
 FULL_CONFIG = "configs/model/wan2.1-t2v-1.3b.yaml"
 FULL_VIDEO = ["video.height=480", "video.width=832", "model.dtype=bfloat16"]
 FULL_FRAMES = (81, 161, 301)
-GPU_BYTES = 80 * 10**9  # "80 GB" (an H100 SXM reports 79.1 GiB = 85.0e9 B: this budget leaves ~5 GB spare)
+# Nominal sizes in 10^9 B (an 80 GB H100 SXM reports ~85e9 B to CUDA: the nominal figure leaves ~5 GB spare)
+GPU_BYTES = {"80 GB": 80 * 10**9, "141 GB (H200)": 141 * 10**9}
 TRAINABLE_BYTES = 4 + 4 + 8  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 
 
@@ -73,9 +75,14 @@ def per_length(records: list[dict]) -> dict[int, dict]:
 
 
 def measure(size: str, lengths: list[int], steps_per_length: int, global_batch: int, out: Path,
-            threads: int) -> tuple[dict, float, list[str]]:
-    """One epoch of real stage 1 on single-length shards of each length: steps_per_length steps each."""
-    overrides = [] if size == "tiny" else [*WAN_WIDTH, *SIZES[size]]
+            threads: int, px: int | None = None) -> tuple[dict, float, list[str]]:
+    """One epoch of real stage 1 on single-length shards of each length: steps_per_length steps each.
+    px: the mid size's square video size (bench_full_arch.py's is 32)."""
+    overrides = []
+    if size != "tiny":
+        overrides = [o for o in WAN_WIDTH if px is None or not o.startswith(("video.height=", "video.width="))]
+        overrides += [*SIZES[size], *([f"video.height={px}", f"video.width={px}"] if px is not None else [])]
+        size = f"{size}-{px}px" if px is not None else size
     shards = out / f"shards-{size}"
     config = TINY_STAGE1
     if overrides:  # shards of the run's geometry and text width: write_tiny_shards reads them from a config
@@ -117,6 +124,7 @@ class SavedTensors:
         self.region: object = "outside"
         self.in_attention = False
         self.bytes: dict[object, dict[int, int]] = {}
+        self.dtypes: dict[int, str] = {}
         self._lse = 0
         self._held: list[torch.Tensor] = []  # a freed storage's address could be reused by a later one
 
@@ -126,6 +134,7 @@ class SavedTensors:
             return
         self._held.append(t)
         self.bytes.setdefault(region, {})[storage._cdata] = storage.nbytes()
+        self.dtypes[storage._cdata] = str(t.dtype).replace("torch.", "")
 
     def pack(self, t: torch.Tensor):
         if not self.in_attention:
@@ -143,6 +152,7 @@ class SavedTensors:
                 self.add(self.region, t)
             self._lse -= 1  # a key no storage has: (B, heads, S_q) float32
             self.bytes.setdefault(self.region, {})[self._lse] = q.shape[0] * q.shape[1] * q.shape[2] * 4
+            self.dtypes[self._lse] = "float32"
             return out
         return sdpa
 
@@ -216,11 +226,16 @@ def activation_memory(student, cfg, latent_frames: int, batch: int) -> dict[str,
         sizes = [audit.total((adapter, i), minus=("block_inputs", "outside")) for i in range(layers)]
         block[adapter] = max(sizes)
     pass_ = max(block, key=block.get)
-    largest = max(audit.bytes[(pass_, layers - 1)].values())
+    last = audit.bytes[(pass_, layers - 1)]
+    largest = max(last.values())
+    by_dtype: dict[str, int] = {}
+    for key, nbytes in last.items():
+        by_dtype[audit.dtypes[key]] = by_dtype.get(audit.dtypes[key], 0) + nbytes
     return {"kept": kept, "block_inputs": audit.total("block_inputs"),
             "outside": audit.total("outside", minus=("block_inputs",)),
             "recompute": block[pass_], "recompute_pass": pass_, "etm_block": block["etm"], "sdd_block": block["sdd"],
-            "transient": 2 * largest, "total": kept + block[pass_] + 2 * largest}
+            "transient": 2 * largest, "total": kept + block[pass_] + 2 * largest,
+            "recompute_by_dtype": by_dtype, "largest": largest}
 
 
 def static_memory(student) -> dict[str, int]:
@@ -251,15 +266,19 @@ def compute_full(frames: tuple[int, ...]) -> tuple[list[dict], dict, str]:
         one, two = activation_memory(student, cfg, n, 1), activation_memory(student, cfg, n, 2)
         per_sample = two["total"] - one["total"]  # measured at batch 1 and 2: the part that grows with B
         fixed = one["total"] - per_sample
-        fits = (GPU_BYTES - static["total"] - fixed) // per_sample
+        fits = {name: max(int((budget - static["total"] - fixed) // per_sample), 0) for name, budget in GPU_BYTES.items()}
         rows.append({"video_frames": video_frames, "latent_frames": n, "clip_tokens": n * L, "flops": flops,
-                     "memory": one, "per_sample": per_sample, "fixed": fixed, "max_micro_batch": max(int(fits), 0)})
+                     "memory": one, "per_sample": per_sample, "fixed": fixed, "max_micro_batch": fits})
     return rows, static, f"L = {L} tokens per latent frame"
 
 
 # --------------------------------------------------------------------------------------------------
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
+
+
+def rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def print_measured(name: str, table: dict, wall_s: float, commands: list[str]) -> None:
@@ -271,8 +290,8 @@ def print_measured(name: str, table: dict, wall_s: float, commands: list[str]) -
           "samples/s vs shortest |")
     print("|---|---:|---:|---:|---:|---:|")
     for frames, r in table.items():
-        print(f"| {frames} ({1 + 4 * (frames - 1)}) | {r['steps']} ({r['measured']}) | {r['tokens_per_s']:.0f} | "
-              f"{r['samples_per_s']:.2f} | {r['tokens_per_s'] / shortest['tokens_per_s']:.2f}x | "
+        print(f"| {frames} ({1 + 4 * (frames - 1)}) | {r['steps']} ({r['measured']}) | {rate(r['tokens_per_s'])} | "
+              f"{rate(r['samples_per_s'])} | {r['tokens_per_s'] / shortest['tokens_per_s']:.2f}x | "
               f"{r['samples_per_s'] / shortest['samples_per_s']:.2f}x |")
 
 
@@ -282,22 +301,27 @@ def print_full(rows: list[dict], static: dict, note: str) -> None:
     print(f"static: bf16 base {static['base_params'] / 1e9:.3f} B params = {gib(static['base'])} GiB; trainable "
           f"(LoRA + c_f) {static['trainable_params'] / 1e6:.1f} M params x {TRAINABLE_BYTES} B (fp32 weight, grad, "
           f"2 AdamW moments; no ZeRO sharding) = {gib(static['trainable'])} GiB; total {gib(static['total'])} GiB. "
-          f"Budget {GPU_BYTES / 1e9:.0f} GB = {gib(GPU_BYTES)} GiB.\n")
+          "Budgets: " + ", ".join(f"{name} = {gib(b)} GiB" for name, b in GPU_BYTES.items()) + ".\n")
     base = rows[0]
     print("| video frames (latent) | clip tokens | tokens through the model (ETM + SDD) | TFLOP per sample (fwd+bwd) | "
           "vs 81 | TFLOP executed with the recompute | kept between blocks (GiB) | one block recomputed: ETM / SDD (GiB) | backward transient (GiB) | "
-          "activations per sample (GiB) | vs 81 | largest micro-batch in 80 GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "activations per sample (GiB) | vs 81 | " + " | ".join(f"largest micro-batch in {n}" for n in GPU_BYTES) + " |")
+    print("|---|" + "---:|" * (10 + len(GPU_BYTES)))
     for r in rows:
         m, f = r["memory"], r["flops"]
         print(f"| {r['video_frames']} ({r['latent_frames']}) | {r['clip_tokens']} | {f['tokens']} ({f['etm_tokens']} + "
               f"{f['sdd_tokens']}) | {f['total'] / 1e12:.0f} | {f['total'] / base['flops']['total']:.2f}x | "
               f"{f['executed'] / 1e12:.0f} | {gib(m['kept'])} | {gib(m['etm_block'])} / {gib(m['sdd_block'])} | {gib(m['transient'])} | "
-              f"{gib(r['per_sample'])} | {r['per_sample'] / base['per_sample']:.2f}x | {r['max_micro_batch']} |")
+              f"{gib(r['per_sample'])} | {r['per_sample'] / base['per_sample']:.2f}x | "
+              + " | ".join(str(r["max_micro_batch"][n]) for n in GPU_BYTES) + " |")
     print("\nper sample = activations at micro-batch 2 minus at 1 (both computed); what does not grow with the batch "
           "(RoPE tables) is " + ", ".join(f"{gib(r['fixed'])}" for r in rows) + " GiB. Kept between blocks, at "
           "batch 1: block inputs " + ", ".join(gib(r["memory"]["block_inputs"]) for r in rows) + " GiB; saved outside "
-          "the blocks " + ", ".join(gib(r["memory"]["outside"]) for r in rows) + " GiB.")
+          "the blocks " + ", ".join(gib(r["memory"]["outside"]) for r in rows) + " GiB. One recomputed "
+          + rows[0]["memory"]["recompute_pass"].upper() + " block by dtype (its saved tensors, with q, k, v, out and "
+          "logsumexp of its attentions): " + "; ".join(
+              f"{r['video_frames']} frames " + ", ".join(f"{d} {gib(b)}" for d, b in sorted(r["memory"]["recompute_by_dtype"].items()))
+              + f" GiB (largest tensor {gib(r['memory']['largest'])})" for r in rows) + ".")
 
 
 def main() -> int:
@@ -305,7 +329,8 @@ def main() -> int:
     ap.add_argument("--parts", default="tiny,mid,meta", help="which of tiny, mid, meta to run")
     ap.add_argument("--lengths", default="2,5,8", help="latent frames of the measured runs' shards")
     ap.add_argument("--tiny-steps", type=int, default=12, help="steps per length, tiny (global batch 4)")
-    ap.add_argument("--mid-steps", type=int, default=4, help="steps per length, mid size (global batch 1)")
+    ap.add_argument("--mid-steps", type=int, default=5, help="steps per length, mid size (global batch 1)")
+    ap.add_argument("--mid-px", default="32,64", help="square video sizes of the mid-size runs (32: bench_full_arch's)")
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP threads of the 1-rank runs (1: on this shared machine 2 threads spin in OpenMP barriers)")
     ap.add_argument("--frames", default=",".join(map(str, FULL_FRAMES)), help="video frames of the computed part")
@@ -319,12 +344,15 @@ def main() -> int:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), load average "
           f"{os.getloadavg()[0]:.1f} at start; torch {torch.__version__}, {args.threads} OMP thread(s)")
     try:
-        for size, steps, batch in (("tiny", args.tiny_steps, 4), ("mid", args.mid_steps, 1)):
-            if size in parts:
-                table, wall_s, commands = measure(size, lengths, steps, batch, root, args.threads)
-                label = "tiny (configs/tiny/stage1.yaml)" if size == "tiny" else \
-                    "mid (4 Wan2.1-1.3B-wide blocks, 32x32 px, checkpointing on; bench_full_arch.py's config)"
-                print_measured(label, table, wall_s, commands)
+        if "tiny" in parts:
+            table, wall_s, commands = measure("tiny", lengths, args.tiny_steps, 4, root, args.threads)
+            print_measured("tiny (configs/tiny/stage1.yaml, 64x96 px: 24 tokens per latent frame)", table, wall_s,
+                           commands)
+        if "mid" in parts:
+            for px in (int(x) for x in args.mid_px.split(",")):
+                table, wall_s, commands = measure("mid", lengths, args.mid_steps, 1, root, args.threads, px)
+                print_measured(f"mid (bench_full_arch.py's 4 Wan2.1-1.3B-wide blocks, checkpointing on) at {px}x{px} "
+                               f"px: {(px // 16) ** 2} tokens per latent frame", table, wall_s, commands)
         if "meta" in parts:
             start = time.perf_counter()
             rows, static, note = compute_full(tuple(int(x) for x in args.frames.split(",")))
