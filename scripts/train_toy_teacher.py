@@ -1,6 +1,6 @@
 """Train (or reuse) the toy teacher and report its own sample scores — the bar the student is held to.
 
-    .venv/bin/python scripts/train_toy_teacher.py [--cache .cache] [--steps 3000] [--score 32] [--force]
+    .venv/bin/python scripts/train_toy_teacher.py [--cache .cache] [--steps 3000] [--score 32] [--probe] [--force]
 
 The folder is cached under `<cache>/toy-teacher/<digest>/` where the digest covers the budget, the
 architecture and the world's constants: the same command again reuses it. Prints the folder path on
@@ -68,6 +68,17 @@ def score_teacher(folder: Path, count: int, steps: int, guidance: float, frames:
     return metrics.summarise(rows)
 
 
+def print_sensitivity(probe: dict) -> None:
+    print(f"velocity MSE with the true prompt, and its increase when one word is swapped ({probe['clips']} clips)")
+    print("  sigma | teacher: true   +kind  +direction  +speed | Bayes-optimal: true   +kind  +direction  +speed"
+          " | Bayes, motion words ignored")
+    for sigma in probe["sigmas"]:
+        t, b = probe["teacher"][sigma], probe["bayes"][sigma]
+        print(f"  {sigma:5.2f} | {t['true']:13.4f} {t['kind']:+7.4f} {t['direction']:+11.4f} {t['speed']:+7.4f} "
+              f"| {b['true']:19.4f} {b['kind']:+7.4f} {b['direction']:+11.4f} {b['speed']:+7.4f} "
+              f"| {probe['bayes_kind_only'][sigma]:27.4f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", default=str(REPO_ROOT / ".cache"))
@@ -76,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--probe", action="store_true",
+                   help="print how much each prompt word (kind, direction, speed) changes the teacher's prediction, "
+                        "next to the world's Bayes-optimal denoiser (toy_teacher.prompt_sensitivity)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster on a machine shared with other jobs)")
     args = p.parse_args(argv)
@@ -85,6 +99,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     budget = toy_teacher.TeacherBudget(steps=args.steps)
     folder = ensure_teacher(Path(args.cache), budget, args.force)
+    if args.probe:
+        print_sensitivity(toy_teacher.prompt_sensitivity(folder))
     if args.score:
         scores = score_teacher(folder, args.score, args.sample_steps, args.guidance)
         (folder / SCORE_FILE).write_text(json.dumps({"samples": args.score, "sample_steps": args.sample_steps,

@@ -124,3 +124,74 @@ def save_folder(out_dir: Path, transformer, cfg, encoder) -> None:
         "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"]}, indent=2))
+
+
+PROBE_SIGMAS = (0.98, 0.9, 0.8, 0.6)  # below ~0.6 x_t itself shows the motion
+
+
+def _wrong_prompts(spec: world.MotionSpec) -> dict[str, world.MotionSpec]:
+    """The spec with one attribute swapped for its opposite: what each prompt word alone should change."""
+    flip_dir = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    return {"kind": world.MotionSpec("blue" if spec.kind == "red" else "red", spec.direction, spec.speed),
+            "direction": world.MotionSpec(spec.kind, flip_dir[spec.direction], spec.speed),
+            "speed": world.MotionSpec(spec.kind, spec.direction, "quickly" if spec.speed == "slowly" else "slowly")}
+
+
+def _bayes_x0(x_t: torch.Tensor, sigma: float, bank: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x_t, prompt] of the world: a posterior over the start positions in `bank` (K, D)."""
+    d2 = ((x_t[None] - (1 - sigma) * bank) ** 2).sum(-1)
+    return torch.softmax(-d2 / (2 * sigma * sigma), 0) @ bank
+
+
+@torch.no_grad()
+def prompt_sensitivity(folder: str | Path, clips: int = 48, sigmas=PROBE_SIGMAS, grid: int = 15,
+                       seed: int = 123) -> dict:
+    """How much each prompt word matters to the teacher's prediction, against how much it matters to a
+    perfect model of the world (issue 9's diagnosis of a teacher that ignores its prompt's direction).
+
+    For held-out clips x (fixed seed) at each noise level sigma: the velocity MSE with the true prompt,
+    and its increase when one word is swapped for its opposite (kind, direction, speed), for the teacher
+    and for the world's Bayes-optimal denoiser (a posterior over start positions on a `grid` x 1.5·grid
+    lattice). A teacher that has bound a word shows a gap of the Bayes gap's order; one that ignores it
+    shows ~0. `bayes_kind_only`: the MSE of a perfect model that ignores the direction and speed words.
+    """
+    from diffusers import WanTransformer3DModel
+
+    from gd_train.flow import predict_x0
+    from gd_train.model.backbone import PromptEncoder
+
+    folder = Path(folder)
+    encoder = PromptEncoder(toy_config([f"pretrained_path={folder}"]))
+    model = WanTransformer3DModel.from_pretrained(folder / "transformer").eval()
+    specs = world.all_specs()
+    row = {s: i for i, s in enumerate(specs)}
+    embeds = encoder.encode_padded([s.prompt for s in specs]).float()
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    chosen = [specs[i % len(specs)] for i in range(clips)]
+    x0 = torch.stack([world.sample_clip(s, 8, rng).latents for s in chosen])
+    noise = torch.randn(x0.shape, generator=gen)
+    lo, hi = world.bounds()
+    starts = [(y, x) for y in np.linspace(lo[0], hi[0], grid) for x in np.linspace(lo[1], hi[1], int(grid * 1.5))]
+    banks = {s: torch.stack([world.render(s.kind, world.trajectory(st, s.velocity, 8)).flatten()
+                             for st in starts]).double() for s in specs}  # float64: the posterior is sharp
+    # A perfect model that knows the kind but ignores the motion words: the posterior over every
+    # direction and speed of that kind (each spec's lattice has the same size: a uniform prior).
+    kind_only = {k: torch.cat([banks[s] for s in specs if s.kind == k]) for k in world.KINDS}
+    variants = {"true": chosen, **{k: [_wrong_prompts(s)[k] for s in chosen] for k in ("kind", "direction", "speed")}}
+    out = {"clips": clips, "sigmas": list(sigmas), "teacher": {}, "bayes": {}, "bayes_kind_only": {}}
+    for sigma in sigmas:
+        x_t = add_noise(x0, noise, sigma)
+        t = torch.full((clips,), sigma * 1000.0)
+        teacher, bayes = {}, {}
+        for name, prompts in variants.items():
+            v = model(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds[[row[s] for s in prompts]],
+                      return_dict=False)[0]
+            teacher[name] = F.mse_loss(predict_x0(x_t, v, sigma), x0).item() / sigma ** 2
+            est = torch.stack([_bayes_x0(x_t[i].flatten().double(), sigma, banks[s]) for i, s in enumerate(prompts)])
+            bayes[name] = (((est - x0.flatten(1).double()) / sigma) ** 2).mean().item()
+        est = torch.stack([_bayes_x0(x_t[i].flatten().double(), sigma, kind_only[s.kind])
+                           for i, s in enumerate(chosen)])
+        out["bayes_kind_only"][sigma] = (((est - x0.flatten(1).double()) / sigma) ** 2).mean().item()
+        for who, mse in (("teacher", teacher), ("bayes", bayes)):
+            out[who][sigma] = {"true": mse["true"], **{k: mse[k] - mse["true"] for k in mse if k != "true"}}
+    return out
