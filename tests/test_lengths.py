@@ -24,7 +24,8 @@ SOURCE = ["datagen.lengths.mode=source", "datagen.lengths.min_frames=9", "datage
 
 
 def planner(*overrides: str) -> LengthPlanner:
-    return LengthPlanner.from_config(load_config(CONFIG, list(overrides)))
+    """The policy of `overrides` on top of mode fixed (the tiny config's own default mixes three lengths)."""
+    return LengthPlanner.from_config(load_config(CONFIG, ["datagen.lengths.mode=fixed", *overrides]))
 
 
 def choices(values, weights=None, seed=0) -> LengthPlanner:
@@ -104,7 +105,8 @@ def test_rows_without_a_readable_duration_are_bad_rows_or_fall_back(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["datagen.lengths.mode=random"], "key 'datagen.lengths.mode': expected fixed | choices | source"),
-    (["datagen.lengths.mode=choices"], "key 'datagen.lengths.choices': expected a non-empty list"),
+    (["datagen.lengths.mode=choices", "datagen.lengths.choices=[]"],
+     "key 'datagen.lengths.choices': expected a non-empty list"),
     (["datagen.lengths.mode=choices", "datagen.lengths.choices=[81,80]"], "key 'datagen.lengths.choices'"),
     (["datagen.lengths.mode=choices", "datagen.lengths.choices=[81,161]", "datagen.lengths.weights=[1]"],
      "key 'datagen.lengths.weights': expected empty (equal) or 2 non-negative numbers"),

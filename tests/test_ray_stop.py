@@ -93,7 +93,7 @@ def test_sigint_on_a_direct_run_exits_with_the_stopped_status(tmp_path):
     proc = subprocess.Popen(["python", "data_pipeline/gen_teacher.py", "--config", "configs/datagen.yaml",
                              f"prompts_csv={csv}", f"output_dir={out}", "datagen.num_workers=1",
                              "datagen.samples_per_shard=2", "datagen.filters.max_prompts=6",
-                             "datagen.stop_wait_s=60"],
+                             "datagen.stop_wait_s=60", "datagen.lengths.mode=fixed"],  # 3 shards of 2
                             cwd=REPO_ROOT, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
