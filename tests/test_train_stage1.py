@@ -17,13 +17,14 @@ from train_utils import (TINY_STAGE1, kill_group, latest, metrics, run_cli, star
                          write_tiny_shards)
 
 NUM_SAMPLES = 48  # 12 optimizer steps of 4 samples per epoch (2 ranks x 2 accumulation x micro 1)
-STEPS = 24  # = 2 epochs; exact-resume point N = 12
+STEPS = 24  # = 2 epochs
+KILL_AT = 9  # the exact-resume point: a checkpoint in the middle of epoch 0
 LENGTHS = (4, 6)  # latent frames, alternating by shard: every run here trains on mixed lengths
 
 
 def _common(run_dir: Path, shards: Path, *extra: str) -> list[str]:
     return ["--config", TINY_STAGE1, "--nproc", "2", f"output_dir={run_dir}", f"data.shards={shards}",
-            "train.epochs=2", "train.trace=true", *extra]
+            "train.epochs=2", "train.trace=true", "data.num_workers=2", *extra]  # 2 ranks x 2 loader workers
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +96,24 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(shards, run_a, tmp_path):
     folder, keys = shards
     run_b = tmp_path / "b"
     log = tmp_path / "b.log"
-    proc = start_cli("stage1", *_common(run_b, folder, "train.checkpoint_every=12"), log=log)
-    wait_for(lambda: latest(run_b) == "step-00000012", 300, "the checkpoint at step 12", proc, log)
+    tag = f"step-{KILL_AT:08d}"
+    proc = start_cli("stage1", *_common(run_b, folder, f"train.checkpoint_every={KILL_AT}"), log=log)
+    wait_for(lambda: latest(run_b) == tag, 300, f"the checkpoint at step {KILL_AT}", proc, log)
     kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert latest(run_b) == "step-00000012", "the run finished before it could be killed"
+    assert latest(run_b) == tag, "the run went past its next checkpoint before it could be killed"
     shown = run_cli("ckpt", "show", str(run_b)).stdout  # the reader's global position, with its buckets
-    assert ("data position: epoch 0, 12 of 12 steps consumed (saved by 2 rank(s)), epoch complete; steps per "
-            "epoch by length (latent frames): F=4: 6, F=6: 6") in shown, shown
+    next_frames = next(x["frames"] for x in trace(run_a)[0] if x["step"] == KILL_AT + 1)
+    assert (f"data position: epoch 0, {KILL_AT} of 12 steps consumed (saved by 2 rank(s)), next step: {next_frames} "
+            f"latent frames; steps per epoch by length (latent frames): F=4: 6, F=6: 6") in shown, shown
 
     run_cli("resume", str(run_b), "--nproc", "2")
 
     a, b = metrics(run_a), metrics(run_b)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1)), "metrics.jsonl forked or has gaps"
     # fp32 on CPU, deterministic: the resumed losses are those of the uninterrupted run, bit for bit.
-    assert [r["loss"] for r in b[12:]] == [r["loss"] for r in a[12:]]
-    assert [r["optimisation/grad_norm"] for r in b[12:]] == [r["optimisation/grad_norm"] for r in a[12:]]
+    assert [r["loss"] for r in b[KILL_AT:]] == [r["loss"] for r in a[KILL_AT:]]
+    assert [r["optimisation/grad_norm"] for r in b[KILL_AT:]] == [r["optimisation/grad_norm"] for r in a[KILL_AT:]]
 
     # Same samples in the same order on every rank; each sample exactly once per epoch.
     trace_a, trace_b = trace(run_a), trace(run_b)
@@ -123,7 +126,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(shards, run_a, tmp_path):
         seen = _epoch_keys(trace_b, epoch)
         assert set(seen) == set(keys) and set(seen.values()) == {1}, f"epoch {epoch}: duplicated or missing samples"
 
-    # The TensorBoard curve has one point per step (events past step 12 from before the kill were purged).
+    # The TensorBoard curve has one point per step (events past the checkpoint from before the kill were purged).
     from gd_train.metrics import read_scalars
 
     assert [s for s, _ in read_scalars(run_b / "tb")["loss/stage1_next_chunk"]] == list(range(1, STEPS + 1))
