@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch import ports
-from launch.ray_head import PORTS_PER_HEAD, LocalRayHead, RayHeadError, ray_env
+from launch.ray_head import PORTS_PER_HEAD, LocalRayHead, RayHeadError, ray_env, session_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOB = ["python", "-c", "import ray, time; ray.init(); print('answer', ray.get(ray.remote(lambda: 6 * 7).remote())); "
@@ -25,22 +25,7 @@ JOB = ["python", "-c", "import ray, time; ray.init(); print('answer', ray.get(ra
 
 def process_tree(session: int) -> set[int]:
     """Every process of a session and every descendant of one (a job's driver may start its own session)."""
-    parents, sessions = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            parents[int(entry.name)], sessions[int(entry.name)] = int(fields[1]), int(fields[3])
-    tree = {pid for pid, sid in sessions.items() if sid == session}
-    grew = True
-    while grew:
-        more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return tree
+    return set(session_tree(session))
 
 
 def listening_ports(pids: set[int]) -> set[int]:
