@@ -209,6 +209,8 @@ class DataConfig:
 
     shards: str = "runs/data/shards"  # a folder of shard-*.tar (with manifest.json) or a brace pattern
     num_workers: int = 2  # dataloader workers per rank
+    # Per clip length, blocks of one step's samples are permuted within windows of this many samples, and
+    # each rank's share of a step is shuffled (0: stored order); shards are reordered every epoch anyway.
     shuffle_buffer: int = 64
     resampled: bool = False  # True: sample shards with replacement, fixed steps per epoch on every rank
     # Held-out shards for `train.eval_every` (never read for training; must differ from `shards`).

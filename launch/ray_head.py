@@ -97,15 +97,32 @@ def kill_tree(session_id: int) -> None:
         time.sleep(0.1)
 
 
-def kill_now(node) -> None:
-    """SIGKILL every process of a local Ray head or node (`proc`: its `ray start`, in a session of its
-    own) at once, then free what it held (`_cleanup`)."""
-    if node.proc is None:
-        return
-    kill_tree(node.proc.pid)
-    node.proc.wait(timeout=10)
-    node.proc = None
-    node._cleanup()
+class LocalRayProcess:
+    """What a local Ray head and a joined node share: `proc`, their `ray start` in a session of its own;
+    `temp_dir`, Ray's session folder; `block`, their reserved ports. Subclasses start and stop it."""
+
+    proc: Optional[subprocess.Popen]
+    temp_dir: Path
+
+    def kill(self) -> None:
+        """Every process of it at once, SIGKILL (a teardown that cannot wait for a clean stop: no process
+        of it gets to say goodbye to the head)."""
+        if self.proc is None:
+            return
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=10)
+        self.proc = None
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.block.release()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def die_with_parent() -> None:
@@ -148,7 +165,7 @@ def node_ip_flags(node_ip: Optional[str]) -> list[str]:
     return [] if node_ip is None else ["--node-ip-address", node_ip]
 
 
-class LocalRayHead:
+class LocalRayHead(LocalRayProcess):
     """`port_base`: the head uses exactly port_base .. port_base + PORTS_PER_HEAD - 1 (refused in one
     line if any is taken); unset, a free block is reserved (`launch.ports`). `dashboard_port` /
     `gcs_port` move the dashboard (the job API) / the GCS (what other nodes join) out of the block to
@@ -246,14 +263,6 @@ class LocalRayHead:
         return subprocess.run(self.submit_command(entrypoint, working_dir), env=ray_env(), capture_output=capture,
                               text=True, timeout=timeout_s, cwd=working_dir)
 
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.block.release()
-
-    def kill(self) -> None:
-        """Every process of the head at once, SIGKILL (a teardown that cannot wait for a clean stop)."""
-        kill_now(self)
-
     def stop(self) -> None:
         if self.proc is None:
             self._cleanup()
@@ -287,8 +296,3 @@ class LocalRayHead:
         self.proc = None
         self._cleanup()
 
-    def __enter__(self) -> "LocalRayHead":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -11,7 +11,6 @@ what a lost machine looks like to the head — without touching the head or anyt
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.ports import PortError, reserve
-from launch.ray_head import (LocalRayHead, RayHeadError, die_with_parent, kill_now, node_ip_flags, node_port_flags, port_in_use,
+from launch.ray_head import (LocalRayHead, RayHeadError, LocalRayProcess, die_with_parent, node_ip_flags, node_port_flags, port_in_use,
                              ray_env, session_tree)
 
 # "client" and "dashboard" are head-only and never opened here, but `ray start` checks every port it
@@ -39,7 +38,7 @@ def alive_nodes(head: LocalRayHead) -> list[dict]:
     return [n for n in nodes if n.get("state") == "ALIVE"]
 
 
-class LocalRayNode:
+class LocalRayNode(LocalRayProcess):
     """`ray start --address <head> --block` with `num_cpus` CPUs, `num_gpus` GPUs and custom `resources`.
     `head`: a `LocalRayHead` of this machine (the node is up once the head lists it), or None with
     `address` ("HOST:PORT" of the head's GCS, e.g. on another machine: up once its raylet listens)."""
@@ -102,10 +101,6 @@ class LocalRayNode:
         started, the workers and actors its raylet forks included (they leave the session)."""
         return [] if self.proc is None else session_tree(self.proc.pid)
 
-    def kill(self) -> None:
-        """The whole node at once, SIGKILL: no process of it gets to say goodbye to the head."""
-        kill_now(self)
-
     def stop(self) -> None:
         if self.proc is None:
             self._cleanup()
@@ -117,12 +112,3 @@ class LocalRayNode:
             pass
         self.kill()
 
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.block.release()
-
-    def __enter__(self) -> "LocalRayNode":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

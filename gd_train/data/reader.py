@@ -684,14 +684,12 @@ class ShardReader:
         c, _, h, w = latent_shape(cfg)
         check_latent_shape(cfg)
         t, d = cfg.train, cfg.data
-        frames = tuple(None if n is None else latent_frames_of(int(n), f"data.{k}")
-                       for n, k in ((d.min_frames, "min_frames"), (d.max_frames, "max_frames")))
         return cls(d.shards, rank=rank, world_size=world_size, micro_batch_size=t.micro_batch_size,
                    num_workers=d.num_workers, seed=cfg.seed, max_text_tokens=cfg.model.max_text_tokens,
                    shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, expected_latent_shape=(c, h, w),
                    on_damage=d.on_damage, strict=d.strict, gather=gather, global_batch_size=global_batch_size,
                    batch_unit=t.batch_unit, micro_batch_policy=t.micro_batch_policy,
-                   micro_batch_table=dict(t.micro_batch_table), latent_frames_range=frames)
+                   micro_batch_table=dict(t.micro_batch_table), latent_frames_range=run_frames_range(cfg))
 
     # ----------------------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -809,9 +807,7 @@ def check_batches(cfg, shards: Sequence[ShardInfo], world_size: int) -> dict[int
     """Before any rank starts: the run's lengths (data.min_frames/max_frames) and the global batch at
     each length the data holds, on this world size (one line for what cannot divide or run a step)."""
     t, d = cfg.train, cfg.data
-    low, high = (None if n is None else latent_frames_of(int(n), f"data.{k}")
-                 for n, k in ((d.min_frames, "min_frames"), (d.max_frames, "max_frames")))
-    kept, outside = _within(_with_lengths(shards), low, high)
+    kept, outside = _within(_with_lengths(shards), *run_frames_range(cfg))
     buckets: dict[int, list[ShardInfo]] = {}
     for shard in kept:
         buckets.setdefault(shard.latent_frames, []).append(shard)
@@ -824,6 +820,13 @@ def check_batches(cfg, shards: Sequence[ShardInfo], world_size: int) -> dict[int
                           f"({', '.join(f'{b.samples_per_step} at {f}' for f, b in batches.items()) or 'none'}): "
                           f"not one step is possible")
     return batches
+
+
+def run_frames_range(cfg) -> tuple[Optional[int], Optional[int]]:
+    """data.min_frames / data.max_frames (pixel frames) as latent frames; None: no bound."""
+    d = cfg.data
+    return tuple(None if n is None else latent_frames_of(int(n), f"data.{k}")
+                 for n, k in ((d.min_frames, "min_frames"), (d.max_frames, "max_frames")))
 
 
 def latent_frames_of(pixel_frames: int, key: str) -> int:
