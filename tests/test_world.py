@@ -97,3 +97,35 @@ def test_summary_and_next_frame_error():
     assert np.allclose(metrics.reference_positions(clip, spec), pos, atol=2e-3)
     s = metrics.summarise([{"a": 1.0}, {"a": 3.0}])
     assert s == {"a": {"mean": 2.0, "std": 1.0, "n": 2}}
+
+
+def test_motion_continuation_scores_the_clips_own_motion_whatever_the_prompt():
+    lo, hi = world.bounds()
+    for spec in world.all_specs():
+        start = lo + np.array([0.3, 0.6]) * (hi - lo)
+        pos = world.trajectory(start, spec.velocity, 32)  # bounces after the fitted 8 frames included
+        fit = metrics.fit_motion(pos[:8])
+        assert np.abs(fit[0] - spec.velocity).max() < 1e-6 and fit[1] < 1e-6
+        m = metrics.motion_continuation(pos, 8)
+        assert m["continuation_error"] < 1e-6 and m["motion_residual"] < 1e-6
+        assert m["fitted_speed"] == pytest.approx(world.SPEEDS[spec.speed])
+        # Measured on rendered latents: the matched filter's positions, the same verdict.
+        assert metrics.motion_continuation(metrics.score_clip(world.render(spec.kind, pos), spec).positions, 8)[
+            "continuation_error"] < 5e-3
+    spec = MotionSpec("red", "right", "slowly")
+    pos = world.trajectory(lo + 0.2 * (hi - lo), spec.velocity, 24)
+    # A consistent motion in a wrong direction continues perfectly (the prompt is not its reference).
+    wrong = world.trajectory(pos[0], (0.5, 0.0), 24)
+    assert metrics.motion_continuation(wrong, 8)["continuation_error"] < 1e-6
+    stopped = np.concatenate([pos[:8], np.repeat(pos[7:8], 16, axis=0)])  # stops after the fitted frames
+    assert metrics.motion_continuation(stopped, 8)["continuation_error"] > 1.0
+    turned = np.concatenate([pos[:8], pos[7:8] + (pos[7] - pos[8:24])])  # turns back mid-field: no wall
+    assert metrics.motion_continuation(turned, 8)["continuation_error"] > 1.0
+    frozen = np.repeat(pos[:1], 24, axis=0)  # a frozen clip fits at speed 0: the residual alone cannot tell
+    m = metrics.motion_continuation(frozen, 8)
+    assert m["fitted_speed"] < 1e-9 and m["continuation_error"] < 1e-9
+    jitter = pos + np.random.default_rng(0).normal(0, 1.0, pos.shape)
+    assert metrics.motion_continuation(jitter, 8)["motion_residual"] > 0.5
+    assert np.isnan(metrics.motion_continuation(pos[:8], 8)["continuation_error"])
+    with pytest.raises(ValueError, match="fitted_frames: expected 2 .. 8"):
+        metrics.motion_continuation(pos[:8], 9)

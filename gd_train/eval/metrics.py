@@ -20,6 +20,14 @@ is whatever the model chose; the velocity is the prompt's, bounces included):
 - `amplitude_ratio`: fitted amplitude / the world's;
 - `identity`: the prompted kind's share of the energy in the two kinds' signature channels
   (prompt adherence of the object: 1 right object, 0 the other one).
+
+Against the clip's own motion, whatever the prompt says (`motion_continuation`): a constant velocity
+with bounces fitted to the first frames' measured track, then
+- `motion_residual`: the fit's RMS distance over those frames (velocity consistency: 0 for any
+  constant-velocity/bounce motion, however wrong its direction);
+- `fitted_speed`: its speed (a frozen clip fits perfectly at 0, so the residual alone does not tell);
+- `continuation_error`: the mean distance over the later frames from that motion continued — the
+  long-horizon drift of a stream that started a motion, separate from whether it obeyed the prompt.
 """
 
 from __future__ import annotations
@@ -140,6 +148,45 @@ def score_clip(latents, spec: MotionSpec, start_yx: Optional[np.ndarray] = None)
     return ClipScore(position_error=err, velocity_error=vel_err, direction_cosine=direction,
                      shape_error=float(fit.shape_error.mean()), amplitude_ratio=float(fit.amplitude.mean() / AMPLITUDE),
                      identity=identity(x, spec.kind), positions=fit.positions, reference=ref)
+
+
+FIT_SPEED_MAX = 1.5  # latent px per frame: above the world's fastest speed (1.0)
+FIT_COARSE, FIT_FINE = 0.05, 0.005
+
+
+def fit_motion(positions: np.ndarray, height: int = world.HEIGHT, width: int = world.WIDTH
+               ) -> tuple[np.ndarray, float]:
+    """The velocity (y, x) whose bounce trajectory from positions[0] best explains `positions` (least
+    squares; a coarse grid then a fine one around its best point), and the fit's RMS distance."""
+    positions = np.asarray(positions, dtype=np.float64)
+    lo, hi = world.bounds(height, width)
+    start = np.clip(positions[0], lo, hi)
+    t = np.arange(len(positions), dtype=np.float64)[None, :, None]
+
+    def best(centre: np.ndarray, half: float, step: float) -> tuple[np.ndarray, float]:
+        axis = np.arange(-half, half + step / 2, step)
+        grid = centre + np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)  # (G, 2)
+        tracks = world.reflect(start + t * grid[:, None, :], lo, hi)  # (G, F, 2)
+        mse = ((tracks - positions[None]) ** 2).sum(-1).mean(-1)
+        i = int(np.argmin(mse))
+        return grid[i], float(np.sqrt(mse[i]))
+
+    velocity, _ = best(np.zeros(2), FIT_SPEED_MAX, FIT_COARSE)
+    return best(velocity, FIT_COARSE, FIT_FINE)
+
+
+def motion_continuation(positions: np.ndarray, fitted_frames: int, height: int = world.HEIGHT,
+                        width: int = world.WIDTH) -> dict[str, float]:
+    """Fit the motion of frames 0 .. fitted_frames-1 and score the rest against its continuation (see the
+    module docstring). `continuation_error` is NaN when the clip has no frame after the fitted ones."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if not 2 <= fitted_frames <= len(positions):
+        raise ValueError(f"fitted_frames: expected 2 .. {len(positions)} (the clip's frames), got {fitted_frames}")
+    velocity, residual = fit_motion(positions[:fitted_frames], height, width)
+    continued = world.trajectory(positions[0], velocity, len(positions), height, width)
+    later = np.linalg.norm(positions[fitted_frames:] - continued[fitted_frames:], axis=1)
+    return {"motion_residual": residual, "fitted_speed": float(np.linalg.norm(velocity)),
+            "continuation_error": float(later.mean()) if len(later) else float("nan")}
 
 
 def next_frame_error(frame, spec: MotionSpec, true_yx: np.ndarray) -> float:
