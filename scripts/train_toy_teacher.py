@@ -33,14 +33,14 @@ def teacher_folder(cache: Path, budget: toy_teacher.TeacherBudget) -> Path:
     return cache / "toy-teacher" / digest
 
 
-def ensure_teacher(cache: Path, budget: toy_teacher.TeacherBudget, force: bool = False) -> Path:
+def ensure_teacher(cache: Path, budget: toy_teacher.TeacherBudget, force: bool = False, probe_every: int = 0) -> Path:
     folder = teacher_folder(cache, budget)
     if (folder / toy_teacher.REPORT_FILE).is_file() and not force:
         print(f"toy teacher: reusing {folder}", flush=True)
         return folder
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    toy_teacher.train_toy_teacher(tmp, budget)
+    toy_teacher.train_toy_teacher(tmp, budget, every=bool(probe_every) or None, every_steps=probe_every or 500)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -86,6 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--score", type=int, default=32, help="samples to score (0: none)")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=toy_teacher.TeacherBudget.lr)
+    p.add_argument("--high-sigma-fraction", type=float, default=toy_teacher.TeacherBudget.high_sigma_fraction,
+                   help=f"share of each batch trained at sigma in [{toy_teacher.HIGH_SIGMA}, 1)")
+    p.add_argument("--probe-every", type=int, default=0,
+                   help="print the direction probe (toy_teacher.direction_probe) every N training steps")
     p.add_argument("--force", action="store_true")
     p.add_argument("--probe", action="store_true",
                    help="print how much each prompt word (kind, direction, speed) changes the teacher's prediction, "
@@ -97,8 +102,8 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    budget = toy_teacher.TeacherBudget(steps=args.steps)
-    folder = ensure_teacher(Path(args.cache), budget, args.force)
+    budget = toy_teacher.TeacherBudget(steps=args.steps, lr=args.lr, high_sigma_fraction=args.high_sigma_fraction)
+    folder = ensure_teacher(Path(args.cache), budget, args.force, args.probe_every)
     if args.probe:
         print_sensitivity(toy_teacher.prompt_sensitivity(folder))
     if args.score:

@@ -48,7 +48,13 @@ class TeacherBudget:
     frames: int = 8  # latent frames of the training clips (the teacher's training length)
     flow_shift: float = 3.0
     uncond_fraction: float = 0.1
+    # Share of each batch drawn at sigma in [HIGH_SIGMA, 1) instead of from the shifted uniform: the
+    # levels where only the prompt's motion words tell where the object goes (see prompt_sensitivity).
+    high_sigma_fraction: float = 0.0
     seed: int = 0
+
+
+HIGH_SIGMA = 0.85
 
 
 def toy_config(overrides=()):
@@ -56,8 +62,11 @@ def toy_config(overrides=()):
 
 
 def train_toy_teacher(out_dir: str | Path, budget: TeacherBudget,
-                      progress: Optional[Callable[..., None]] = print) -> dict:
-    """Train and save the teacher folder; returns the report written to `<out_dir>/toy_teacher.json`."""
+                      progress: Optional[Callable[..., None]] = print,
+                      every: Optional[Callable[[int, torch.nn.Module], dict]] = None, every_steps: int = 500) -> dict:
+    """Train and save the teacher folder; returns the report written to `<out_dir>/toy_teacher.json`.
+    `every(step, model)`, when given, runs every `every_steps` steps (e.g. `direction_probe`); what it
+    returns is printed and kept in the report."""
     from diffusers import WanTransformer3DModel
 
     from gd_train.model.backbone import PromptEncoder
@@ -72,6 +81,8 @@ def train_toy_teacher(out_dir: str | Path, budget: TeacherBudget,
     uncond = encoder.encode_padded([WAN_NEGATIVE_PROMPT]).float()
 
     model = WanTransformer3DModel(**ARCH).train()
+    if every is not None and not callable(every):  # True: the default probe on this run's own encoder
+        every = direction_probe(encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
@@ -80,7 +91,7 @@ def train_toy_teacher(out_dir: str | Path, budget: TeacherBudget,
         return 0.5 * (1 + math.cos(math.pi * (step - budget.warmup_steps) / max(1, budget.steps - budget.warmup_steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, losses = time.perf_counter(), []
+    start, losses, probes = time.perf_counter(), [], []
     for step in range(budget.steps):
         idx = rng.integers(0, len(specs), budget.batch_size)
         clips = torch.stack([world.sample_clip(specs[i], budget.frames, rng).latents for i in idx])
@@ -88,6 +99,9 @@ def train_toy_teacher(out_dir: str | Path, budget: TeacherBudget,
         drop = torch.from_numpy(rng.random(budget.batch_size) < budget.uncond_fraction)
         text[drop] = uncond[0]
         sigma = shift_sigma(torch.rand(budget.batch_size), budget.flow_shift)
+        if budget.high_sigma_fraction:
+            high = torch.from_numpy(rng.random(budget.batch_size) < budget.high_sigma_fraction)
+            sigma[high] = HIGH_SIGMA + (1 - HIGH_SIGMA) * torch.rand(int(high.sum()))
         noise = torch.randn_like(clips)
         noisy = add_noise(clips, noise, sigma[:, None, None, None, None])
         pred = model(hidden_states=noisy, timestep=sigma * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
@@ -102,9 +116,16 @@ def train_toy_teacher(out_dir: str | Path, budget: TeacherBudget,
             elapsed = time.perf_counter() - start
             progress(f"toy teacher: step {step + 1}/{budget.steps} loss {np.mean(losses[-100:]):.4f} "
                      f"({elapsed:.0f} s, ~{elapsed / (step + 1) * (budget.steps - step - 1):.0f} s left)", flush=True)
+        if every and ((step + 1) % every_steps == 0 or step + 1 == budget.steps):
+            model.eval()
+            probes.append({"step": step + 1, **every(step + 1, model)})
+            model.train()
+            if progress:
+                progress(f"toy teacher: probe {json.dumps(probes[-1])}", flush=True)
     report = {"budget": asdict(budget), "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in ARCH.items()},
               "parameters": sum(p.numel() for p in model.parameters()),
-              "final_loss": float(np.mean(losses[-100:])), "train_seconds": round(time.perf_counter() - start, 1)}
+              "final_loss": float(np.mean(losses[-100:])), "train_seconds": round(time.perf_counter() - start, 1),
+              "probes": probes}
     save_folder(out_dir, model.eval(), cfg, encoder)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
@@ -127,6 +148,36 @@ def save_folder(out_dir: Path, transformer, cfg, encoder) -> None:
 
 
 PROBE_SIGMAS = (0.98, 0.9, 0.8, 0.6)  # below ~0.6 x_t itself shows the motion
+
+
+def direction_probe(encoder, clips: int = 48, sigmas=(0.98, 0.9), seed: int = 123) -> Callable:
+    """A cheap in-training check of `prompt_sensitivity`'s teacher columns: velocity MSE with the true
+    prompt and its increase when the kind / direction / speed word is swapped (no Bayes model)."""
+    specs = world.all_specs()
+    row = {s: i for i, s in enumerate(specs)}
+    embeds = encoder.encode_padded([s.prompt for s in specs]).float()
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    chosen = [specs[i % len(specs)] for i in range(clips)]
+    x0 = torch.stack([world.sample_clip(s, 8, rng).latents for s in chosen])
+    noise = torch.randn(x0.shape, generator=gen)
+    variants = {"true": chosen, **{k: [_wrong_prompts(s)[k] for s in chosen] for k in ("kind", "direction", "speed")}}
+
+    @torch.no_grad()
+    def probe(step: int, model) -> dict:
+        from gd_train.flow import predict_x0
+
+        out = {}
+        for sigma in sigmas:
+            x_t = add_noise(x0, noise, sigma)
+            t = torch.full((clips,), sigma * 1000.0)
+            mse = {name: F.mse_loss(predict_x0(x_t, model(hidden_states=x_t, timestep=t, return_dict=False,
+                                                          encoder_hidden_states=embeds[[row[s] for s in p]])[0], sigma),
+                                    x0).item() / sigma ** 2 for name, p in variants.items()}
+            out[str(sigma)] = {"true": round(mse["true"], 4),
+                               **{k: round(mse[k] - mse["true"], 4) for k in ("kind", "direction", "speed")}}
+        return out
+
+    return probe
 
 
 def _wrong_prompts(spec: world.MotionSpec) -> dict[str, world.MotionSpec]:
