@@ -42,7 +42,22 @@ ROWS = [  # (name, how it is made)
     ("stage 1 + stage 2 (SDD as fake score)", "stage2"),
     ("stage 1 + stage 2 (separate critic)", "stage2_critic"),
 ]
-METRICS = ["position_error", "final_position_error", "velocity_error", "direction_cosine", "shape_error", "identity"]
+TRAIN_FRAMES = 8  # the teacher's training length: the first frames whose motion a stream must continue
+
+
+def motion_scores(positions, length: int) -> dict:
+    """The clip's own motion (metrics.motion_continuation): fitted on the first TRAIN_FRAMES frames,
+    continued to `length` (no continuation error at the training length itself)."""
+    from gd_train.eval import metrics
+
+    out = metrics.motion_continuation(positions[:length], TRAIN_FRAMES)
+    if length <= TRAIN_FRAMES:
+        del out["continuation_error"]
+    return out
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def say(text: str) -> None:
@@ -143,12 +158,14 @@ class Experiment:
             t0 = time.perf_counter()
             latents = torch.cat(list(pipe.latent_stream(text, max(lengths), seed=int(sample.meta["seed"]) + seed)), dim=2)
             chunk_s.append((time.perf_counter() - t0) / max(lengths))
+            whole = metrics.score_clip(latents, spec)
             for L in lengths:
-                per_len[L].append(metrics.score_clip(latents[:, :, :L], spec).scalars())
-            curves.append(metrics.score_clip(latents, spec).position_error.tolist())
+                per_len[L].append({**metrics.score_clip(latents[:, :, :L], spec).scalars(),
+                                   **motion_scores(whole.positions, L)})
+            curves.append(whole.position_error.tolist())
             n = sample.latents.shape[1]
             distance.append(float(((latents[0, :, :n].float() - sample.latents.float()) ** 2).mean()))
-        return {"by_length": {str(L): {k: float(np.mean([r[k] for r in rows])) for k in METRICS} for L, rows in per_len.items()},
+        return {"by_length": {str(L): _mean(rows) for L, rows in per_len.items()},
                 "teacher_distance": float(np.mean(distance)), "chunk_ms": 1000 * float(np.median(chunk_s)),
                 "curve": np.mean(np.array(curves), axis=0).tolist()}
 
@@ -161,10 +178,10 @@ class Experiment:
         rows, curves, distance = [], [], []
         for s, ref in zip(samples, full):
             score = metrics.score_clip(s.latents, world.parse_prompt(s.caption))
-            rows.append(score.scalars())
+            rows.append({**score.scalars(), **motion_scores(score.positions, TRAIN_FRAMES)})
             curves.append(score.position_error.tolist())
             distance.append(float(((s.latents.float() - ref.latents.float()) ** 2).mean()))
-        return {"by_length": {"8": {k: float(np.mean([r[k] for r in rows])) for k in METRICS}},
+        return {"by_length": {"8": _mean(rows)},
                 "teacher_distance": float(np.mean(distance)), "chunk_ms": None,
                 "curve": np.mean(np.array(curves), axis=0).tolist()}
 
@@ -210,8 +227,10 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results: dict, multiples: list[int]) -> str:
-    head = ["row"] + [f"pos. err @{8 * m}" for m in multiples] + ["final err @8", "direction", "shape err", "identity",
-                                                                   "dist. to teacher", "ms / chunk"]
+    longer = [m for m in multiples if m > 1]
+    head = (["row"] + [f"pos. err @{8 * m}" for m in multiples] + [f"cont. err @{8 * m}" for m in longer]
+            + ["final err @8", "direction", "speed @8", "motion resid. @8", "shape err", "identity",
+               "dist. to teacher", "ms / chunk"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in results["rows"].items():
         if "not_run" in entry:
@@ -223,12 +242,16 @@ def table(results: dict, multiples: list[int]) -> str:
             return [s["by_length"][str(length)][key] for s in seeds if str(length) in s["by_length"]]
 
         cells = [_cell(get(8 * m, "position_error")) for m in multiples]
-        cells += [_cell(get(8, k)) for k in ("final_position_error", "direction_cosine", "shape_error", "identity")]
+        cells += [_cell(get(8 * m, "continuation_error")) for m in longer]
+        cells += [_cell(get(8, k)) for k in ("final_position_error", "direction_cosine", "fitted_speed", "motion_residual",
+                                             "shape_error", "identity")]
         cells += [_cell([s["teacher_distance"] for s in seeds]),
                   _cell([s["chunk_ms"] for s in seeds if s["chunk_ms"] is not None])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     note = (f"\nMean ± std over seeds {results['seeds']} of the per-seed mean over {results['heldout']} held-out "
-            f"prompts; position errors in latent px (grid 8 x 12), mean over frames 1..L-1."
+            f"prompts; position errors in latent px (grid 8 x 12), mean over frames 1..L-1, against the prompt's "
+            f"motion from the clip's frame 0. 'cont. err': against the clip's own motion fitted on frames 0..7 and "
+            f"continued (frames 8..L-1); 'speed' and 'motion resid.': that fit's speed (px/frame) and RMS residual."
             + (" REDUCED RUN." if results["reduced"] else "")
             + (" SMOKE RUN (changed budgets: not results)." if results.get("smoke") else "") + f"\nCommand: `{results['command']}`\n")
     return "\n".join(lines) + "\n" + note
