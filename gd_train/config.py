@@ -272,6 +272,10 @@ class TrainConfig:
     init_from: Optional[str] = None  # a run folder (its latest), a checkpoint folder or exported adapters
     teacher_guidance_scale: float = 5.0  # stage 2: CFG of the teacher score s_real (Wan's default)
     rl_score_level: str = "next"  # stage 2: where mu is re-noised for scoring: next | uniform
+    # stage 2: DMD's fake score s_gen. sdd: the SDD itself (the paper; DESIGN §4's default) | critic: a third
+    # LoRA adapter copied from the SDD at the start of stage 2 and trained alongside it on the student's
+    # outputs by flow matching (public DMD code's reading; docs/training.md, "A separate critic")
+    rl_fake_score: str = "sdd"
     trace: bool = False  # per-rank trace/rank-*.jsonl: sample keys, local loss, (f, t) per micro-step
     # Periodic evaluation (gd_train/eval/evaluators.py), logged under eval/ in TensorBoard and metrics.jsonl:
     eval_every: int = 0  # optimizer steps between evaluations (0: none); also once before the first step
@@ -448,6 +452,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.pretrained_path is not None:
         check_pretrained_folder(cfg.pretrained_path, parts=("transformer",))
     _validate_eval(cfg)
+    _validate_fake_score(cfg)
 
 
 def _validate_eval(cfg: DictConfig) -> None:
@@ -465,6 +470,18 @@ def _validate_eval(cfg: DictConfig) -> None:
     if t.eval_samples < 1 or (t.eval_frames is not None and t.eval_frames < 1):
         raise ConfigError(f"key 'train.eval_samples'/'train.eval_frames': expected >= 1, got "
                           f"{t.eval_samples}/{t.eval_frames}")
+
+
+RL_FAKE_SCORES = ("sdd", "critic")
+
+
+def _validate_fake_score(cfg: DictConfig) -> None:
+    t = cfg.train
+    if t.rl_fake_score not in RL_FAKE_SCORES:
+        raise ConfigError(f"key 'train.rl_fake_score': expected one of {'|'.join(RL_FAKE_SCORES)}, got '{t.rl_fake_score}'")
+    if t.rl_fake_score == "critic" and t.stage == "stage1":
+        raise ConfigError("key 'train.rl_fake_score': 'critic' is a stage-2 option (stage 1 has no fake score); "
+                          "leave it at 'sdd' for stage 1")
 
 
 def check_pretrained_folder(root: str | os.PathLike, parts: Sequence[str]) -> Path:

@@ -44,7 +44,8 @@ LAYOUT = {
     "data": {"damage (summed over ranks)": ["Multiline", [r"data/(?!bucket_steps).*"]],
              "steps per epoch by clip length (latent frames)": ["Multiline", [r"data/bucket_steps_per_epoch/.*"]]},
     "RL": {"chunk f and step t": ["Multiline", [r"rl/(f|t)$"]],
-           "scores": ["Multiline", [r"rl/(score|mu|gen).*"]]},
+           "scores": ["Multiline", [r"rl/(score|mu|gen).*"]],
+           "critic's flow-matching loss (train.rl_fake_score=critic)": ["Multiline", [r"^rl/critic_loss$"]]},
     "eval": {"held-out scores (train.eval_every)": ["Multiline", [r"^eval/"]]},
 }
 

@@ -1,5 +1,7 @@
 """The Greedy Distill student: one frozen Wan base, two PEFT LoRA adapters (`etm`, `sdd`) and the
-zero-initialised projection that carries the ETM's temporal representation c_f into the SDD.
+zero-initialised projection that carries the ETM's temporal representation c_f into the SDD. With
+`train.rl_fake_score=critic` (stage 2 only) a third adapter, `critic`, on the SDD's target modules and
+rank: DMD's separately trained fake score. It trains and is checkpointed, but is never exported.
 
 With adapters off the same module *is* the teacher. Three kinds of pass are offered:
 - `teacher_velocity`: the bidirectional teacher (full attention, frames numbered from 0);
@@ -24,7 +26,8 @@ from gd_train.model.attention import CacheOps, ChunkMask, KVCache, etm_mask, sdd
 from gd_train.model.backbone import load_transformer, torch_dtype
 from gd_train.model.forward import WanPass
 
-ADAPTERS = ("etm", "sdd")
+ADAPTERS = ("etm", "sdd")  # the student's own adapters: what is exported and loaded (`save_adapters`)
+CRITIC = "critic"  # stage 2's optional fake score (train.rl_fake_score=critic): trained, never exported
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CF_PROJ_WEIGHTS = "cf_proj.safetensors"
 
@@ -60,6 +63,12 @@ class GreedyDistillStudent(nn.Module):
         lora = {name: cfg.student[f"{name}_lora"] for name in ADAPTERS}
         self.peft = get_peft_model(transformer, _lora_config(LoraConfig, lora["etm"]), adapter_name="etm")
         self.peft.add_adapter("sdd", _lora_config(LoraConfig, lora["sdd"]))
+        # Added last, so the etm/sdd initialisations are those of a run without it; its weights are
+        # replaced by the SDD's at the start of stage 2 (`init_critic_from_sdd`).
+        self.adapter_names: tuple[str, ...] = ADAPTERS
+        if str(cfg.train.rl_fake_score) == CRITIC:
+            self.peft.add_adapter(CRITIC, _lora_config(LoraConfig, lora["sdd"]))
+            self.adapter_names = ADAPTERS + (CRITIC,)
         for name, p in self.transformer.named_parameters():
             p.requires_grad_(".lora_" in name)
 
@@ -94,8 +103,13 @@ class GreedyDistillStudent(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.patch_embedding.weight.dtype
 
+    @property
+    def has_critic(self) -> bool:
+        return CRITIC in self.adapter_names
+
     def trainable_parameters(self, adapter: Optional[str] = None) -> list[nn.Parameter]:
-        """LoRA weights of one adapter (or both), plus the c_f projection when adapter is None/'sdd'."""
+        """LoRA weights of one adapter (or all, the critic included), plus the c_f projection when
+        adapter is None/'sdd'."""
         out = []
         for name, p in self.transformer.named_parameters():
             if ".lora_" in name and (adapter is None or f".{adapter}." in name):
@@ -122,7 +136,7 @@ class GreedyDistillStudent(nn.Module):
             self.runner.merged = None
             return
         if self.runner.merged is None:
-            self.runner.merged = MergedAdapters(self.transformer, ADAPTERS)
+            self.runner.merged = MergedAdapters(self.transformer, self.adapter_names)
         self.runner.merged.refresh()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -184,6 +198,23 @@ class GreedyDistillStudent(nn.Module):
         if self.runner.merged is not None:  # merged from the weights just replaced
             self.runner.merged.invalidate()
         for p in self.trainable_parameters():  # loading must not freeze what trains
+            p.requires_grad_(True)
+
+    def init_critic_from_sdd(self) -> None:
+        """Set the critic adapter to a copy of the SDD adapter's current weights (PEFT's own state-dict
+        helpers; the parameters are written in place, so they stay what the optimizer will hold). At
+        that moment the critic scores exactly as the SDD does."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if not self.has_critic:
+            raise ValueError("init_critic_from_sdd: this student has no critic adapter (train.rl_fake_score=critic)")
+        sdd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name="sdd").items()}
+        result = set_peft_model_state_dict(self.peft, sdd, adapter_name=CRITIC)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"init_critic_from_sdd: SDD weights the critic lacks: {result.unexpected_keys[:3]}")
+        if self.runner.merged is not None:
+            self.runner.merged.invalidate()
+        for p in self.trainable_parameters(CRITIC):
             p.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------
@@ -300,8 +331,12 @@ class GreedyDistillStudent(nn.Module):
         return self.project_cond(out.hidden[:, -L:])
 
     def sdd_recompute(self, first: Optional[torch.Tensor], prev: Optional[torch.Tensor], noisy: torch.Tensor,
-                      sigma: float, index: int, cond: Optional[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        """SDD velocity for noisy x_index from [clean x_0, clean x_{index-1}, noisy] in one masked pass."""
+                      sigma: float, index: int, cond: Optional[torch.Tensor], text: torch.Tensor,
+                      adapter: str = "sdd") -> torch.Tensor:
+        """SDD velocity for noisy x_index from [clean x_0, clean x_{index-1}, noisy] in one masked pass.
+        adapter='critic': the same pass (same context, layout and c_f) through the critic adapter."""
+        if adapter not in ("sdd", CRITIC) or adapter not in self.adapter_names:
+            raise ValueError(f"sdd_recompute: adapter '{adapter}', this student has {', '.join(self.adapter_names)}")
         B, _, _, H, W = noisy.shape
         L = self.tokens_per_chunk(H, W)
         dev = noisy.device
@@ -316,7 +351,7 @@ class GreedyDistillStudent(nn.Module):
         if cond is not None:
             lead = torch.zeros(B, n_ctx * L, self.dim, device=dev, dtype=cond.dtype)
             added = torch.cat([lead, cond], dim=1)
-        out = self.runner(latents, timesteps, positions, text, adapter="sdd", mask=ChunkMask(vis.to(dev), L), added=added)
+        out = self.runner(latents, timesteps, positions, text, adapter=adapter, mask=ChunkMask(vis.to(dev), L), added=added)
         return out.velocity[:, :, -1:]
 
     # ------------------------------------------------------------------------------------------

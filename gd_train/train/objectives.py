@@ -8,6 +8,9 @@ its own predictions up to chunk f (no gradient), take its one-step output μ = x
 through that step only), re-noise μ, and score it with the teacher (adapters off, CFG) and with the
 SDD itself. With s read as velocities, s_real − s_gen ∝ x̂0_gen − x̂0_real, so the loss
 MSE(μ, sg[μ − (x̂0_gen − x̂0_real) / normaliser]) moves μ toward the teacher's x̂0 (`dmd_loss`).
+With `train.rl_fake_score=critic` x̂0_gen comes from a separate critic adapter instead (copied from the
+SDD at the start of stage 2), which trains in the same micro-step by flow matching on the detached μ
+(`RLFineTuneLoss.critic_loss`, DMD2's fake-score update).
 
 Every random draw of a micro-step comes from a generator seeded by the trainer with (run seed, rank,
 step, micro-step): a resumed run draws exactly what the uninterrupted one did.
@@ -29,7 +32,7 @@ from gd_train import distributed
 from gd_train.data.reader import Batch
 from gd_train.flow import add_noise, few_step_sigmas, predict_x0, shift_sigma, velocity_target
 from gd_train.infer.stream import StreamingGenerator, StreamSettings
-from gd_train.model.student import GreedyDistillStudent
+from gd_train.model.student import CRITIC, GreedyDistillStudent
 
 # DMD's range for the scoring level in the 'uniform' reading (avoids the degenerate ends).
 UNIFORM_SCORE_RANGE = (0.02, 0.98)
@@ -153,7 +156,8 @@ class _Guidance:
 
 
 class RLFineTuneLoss(_Objective):
-    """Eq. (10), DMD-style deterministic policy gradient with the SDD as its own critic."""
+    """Eq. (10), DMD-style deterministic policy gradient with the SDD as its own critic (default), or
+    with a separately trained critic adapter (`train.rl_fake_score=critic`)."""
 
     stage = "stage2"
     loss_tag = "loss/stage2_rl"
@@ -172,6 +176,14 @@ class RLFineTuneLoss(_Objective):
         self.register_buffer("negative_embeds", negative_embeds, persistent=False)
         self.rollout = StreamingGenerator(student, StreamSettings.from_config(cfg))
         self.last_stats: dict[str, float] = {}
+        # The adapter that scores μ as s_gen: the SDD itself, or the critic. The critic starts as a copy of
+        # the SDD as it is now — after train.init_from was loaded, before the optimizer is built; a resume
+        # then overwrites it with the checkpoint's — so at step 0 it scores exactly as the SDD does.
+        self.fake_adapter = str(cfg.train.rl_fake_score)
+        if self.fake_adapter == CRITIC:
+            if not student.has_critic:
+                raise ValueError("train.rl_fake_score=critic needs a student built with it (it adds the critic adapter)")
+            student.init_critic_from_sdd()
 
     # -- the (f, t) agreement -------------------------------------------------------------------------
     def draw(self, step: int, latent_frames: int) -> RLDraw:
@@ -212,9 +224,21 @@ class RLFineTuneLoss(_Objective):
         mu = self.one_step(rollout)
         x0_real, x0_gen, sigma_s = self.scores(rollout, mu.detach(), gen)
         with torch.no_grad():
-            self.last_stats = {"score_sigma": sigma_s, "mu_to_teacher_x0": float((mu - x0_real).abs().mean()),
-                               "gen_minus_real_x0": float((x0_gen - x0_real).abs().mean())}
-        return dmd_loss(mu, x0_real, x0_gen)
+            stats = {"score_sigma": sigma_s, "mu_to_teacher_x0": float((mu - x0_real).abs().mean()),
+                     "gen_minus_real_x0": float((x0_gen - x0_real).abs().mean())}
+        loss = dmd_loss(mu, x0_real, x0_gen)
+        if self.fake_adapter == CRITIC:
+            # One backward for both updates. Their gradients are disjoint: the scores above ran without
+            # grad, and the critic's inputs (μ, context, c_f) are detached, so the generator's loss reaches
+            # only etm/sdd/c_f and the critic's only the critic; one AdamW over both parameter groups is
+            # then two simultaneous separate updates — except DeepSpeed's gradient clipping
+            # (train.grad_clip), which is global: one norm over both, so a large critic gradient also
+            # scales the generator's step down (and vice versa).
+            critic = self.critic_loss(rollout, mu.detach(), gen)
+            stats["critic_loss"] = float(critic.detach())
+            loss = loss + critic
+        self.last_stats = stats
+        return loss
 
     def rollout_to(self, prompt_embeds: torch.Tensor, frame: int, step_index: int, seed: int,
                    gen: torch.Generator) -> "Rollout":
@@ -259,8 +283,24 @@ class RLFineTuneLoss(_Objective):
         teacher = _Guidance(r.text, r.negative, self.teacher_scale)
         timestep = torch.full((teacher.text.shape[0],), sigma_s * 1000.0, device=device)
         v_real = teacher.combine(student.teacher_velocity(teacher.batch(noisy_clip), timestep, teacher.text))[:, :, -1:]
-        v_gen = guide.combine(student.sdd_recompute(r.first, r.prev, guide.batch(noisy_f), sigma_s, r.frame, r.cond, guide.text))
+        v_gen = guide.combine(student.sdd_recompute(r.first, r.prev, guide.batch(noisy_f), sigma_s, r.frame, r.cond,
+                                                    guide.text, adapter=self.fake_adapter))
         return predict_x0(noisy_f.float(), v_real.float(), sigma_s), predict_x0(noisy_f.float(), v_gen.float(), sigma_s), sigma_s
+
+    def critic_loss(self, r: "Rollout", mu: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """DMD2's fake-score update, as flow matching on the generator's (detached) output: μ noised at a
+        level drawn as stage 1 draws them (uniform, warped by the flow shift), the critic's velocity with
+        the SDD's detached context (the pass and guidance s_gen uses), MSE against ε − μ. Drawn after the
+        scores' draws from the micro-step's generator, so they are unchanged and a resume is exact."""
+        student, guide = self.student, r.guide
+        device, dtype = student.device_, student.dtype
+        mu = mu.detach().float()
+        sigma = float(shift_sigma(float(torch.rand((), generator=gen, device=device)), self.flow_shift))
+        noise = torch.randn(mu.shape, generator=gen, device=device)
+        noisy = add_noise(mu, noise, sigma).to(dtype)
+        v = guide.combine(student.sdd_recompute(r.first, r.prev, guide.batch(noisy), sigma, r.frame, r.cond,
+                                                guide.text, adapter=CRITIC))
+        return F.mse_loss(v.float(), velocity_target(mu, noise))
 
 
 @dataclass

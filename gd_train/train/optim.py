@@ -17,7 +17,7 @@ import math
 import torch
 from omegaconf import DictConfig
 
-from gd_train.model.student import ADAPTERS, GreedyDistillStudent
+from gd_train.model.student import ADAPTERS, CRITIC, GreedyDistillStudent
 
 
 def freeze_untrained_adapters(student: GreedyDistillStudent, trained: list[str]) -> None:
@@ -36,6 +36,9 @@ def parameter_groups(student: GreedyDistillStudent, train: DictConfig) -> list[d
             continue
         params = [p for p in student.trainable_parameters(adapter) if p.requires_grad]
         groups.append({"name": adapter, "params": params, "lr": float(train.lr),
+                       "weight_decay": float(train.weight_decay)})
+    if student.has_critic:  # train.rl_fake_score=critic: stage 2's fake score trains too, always
+        groups.append({"name": CRITIC, "params": student.trainable_parameters(CRITIC), "lr": float(train.lr),
                        "weight_decay": float(train.weight_decay)})
     return groups
 
