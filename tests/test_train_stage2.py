@@ -1,11 +1,14 @@
 """Stage 2 (RL fine-tuning, Eq. 10): started from a real stage-1 checkpoint with 2 ranks over gloo.
 Every rank and every accumulation micro-step uses the same (f, t); only the adapters and the c_f
 projection change; an adapter left out of train.adapters does not move even under weight decay; and
-the loss's gradient moves the student's output toward the teacher's x̂0."""
+the loss's gradient moves the student's output toward the teacher's x̂0. With a separate critic
+(train.rl_fake_score=critic) the same run trains it, resumes exactly and exports without it
+(its in-process unit tests: tests/test_critic.py)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,20 @@ def stage2_run(shards, stage1_run, tmp_path_factory) -> Path:
     return run_dir
 
 
+def _critic_args(run_dir: Path, shards: Path, stage1_run: Path, *extra: str) -> list[str]:
+    return ["--config", TINY_STAGE2, "--nproc", "2", f"output_dir={run_dir}", f"data.shards={shards}",
+            f"train.init_from={stage1_run}", "train.rl_fake_score=critic", "train.checkpoint_every=2", "train.lr=1e-3",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def critic_run(shards, stage1_run, tmp_path_factory) -> Path:
+    """With a separate critic: 4 steps of 2 samples (micro 1 x 1 x 2 ranks), checkpoints at 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("s2-critic") / "run"
+    run_cli("stage2", *_critic_args(run_dir, shards, stage1_run, "train.max_steps=4"))
+    return run_dir
+
+
 def test_every_rank_and_micro_step_uses_the_same_f_and_t(stage2_run):
     from gd_train.metrics import read_scalars
 
@@ -83,12 +100,13 @@ def test_every_rank_and_micro_step_uses_the_same_f_and_t(stage2_run):
     assert tags_outside_layout(stage2_run / "tb") == []
 
 
-def test_only_adapters_and_the_cf_projection_change(stage1_run, stage2_run):
+@pytest.mark.parametrize("run", ["stage2_run", "critic_run"])
+def test_only_adapters_and_the_cf_projection_change(stage1_run, run, request):
     from gd_train.checkpoint import base_fingerprint
     from gd_train.config import load_config
     from gd_train.model.student import GreedyDistillStudent
 
-    init_ckpt, final_ckpt = _final_checkpoint(stage1_run), _final_checkpoint(stage2_run)
+    init_ckpt, final_ckpt = _final_checkpoint(stage1_run), _final_checkpoint(request.getfixturevalue(run))
     before, after = _adapters(init_ckpt / "adapters"), _adapters(final_ckpt / "adapters")
     assert before.keys() == after.keys()
     for group in ("etm:", "sdd:", "cf_proj:"):
@@ -100,6 +118,49 @@ def test_only_adapters_and_the_cf_projection_change(stage1_run, stage2_run):
     fresh = base_fingerprint(GreedyDistillStudent.from_config(load_config(TINY_STAGE2)))
     for folder in (init_ckpt, final_ckpt):
         assert json.loads((folder / "checkpoint.json").read_text())["base_fingerprint"] == fresh
+
+
+def test_a_separate_critic_trains_resumes_exactly_and_is_not_exported(shards, stage1_run, critic_run, tmp_path):
+    from gd_train.checkpoint import trainable_state
+    from gd_train.config import load_config
+    from gd_train.metrics import read_scalars, tags_outside_layout
+    from gd_train.model.student import GreedyDistillStudent
+
+    # It trains: the critic's loss is logged per step (in the layout), and its weights moved away from its
+    # start, the stage-1 SDD it was copied from (init_from: created from the loaded SDD, not loaded).
+    records = metrics(critic_run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["rl/critic_loss"] > 0 for r in records)
+    scalars = read_scalars(critic_run / "tb")
+    assert [s for s, _ in scalars["rl/critic_loss"]] == [1, 2, 3, 4]
+    assert tags_outside_layout(critic_run / "tb") == []
+    final = _final_checkpoint(critic_run)
+    tensors, meta = trainable_state(final)
+    start, _ = trainable_state(_final_checkpoint(stage1_run))
+    critic = {k: v for k, v in tensors.items() if k.startswith("fp32/") and ".critic." in k}
+    assert critic and {k.replace(".critic.", ".sdd.") for k in critic} <= set(start)
+    assert any(not torch.equal(v, start[k.replace(".critic.", ".sdd.")]) for k, v in critic.items()), "the critic did not train"
+    assert all(f"exp_avg/{k[5:]}" in tensors and meta["params"][k[5:]]["step"] == 4 for k in critic)
+    assert [g["name"] for g in meta["param_groups"]] == ["etm", "sdd", "critic"]
+
+    # Resume is exact, the critic included: a copy of the run put back to its step-2 checkpoint continues
+    # to the uninterrupted run's losses and step-4 state (weights and AdamW moments), bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(critic_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002\n")
+    run_cli("resume", str(resumed), "--nproc", "2", f"output_dir={resumed}")
+    keys = ("loss", "rl/critic_loss", "optimisation/grad_norm")
+    assert [[r[k] for k in keys] for r in metrics(resumed)] == [[r[k] for k in keys] for r in records]
+    again, _ = trainable_state(_final_checkpoint(resumed))
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+    # `gd-train ckpt export` leaves the critic out: etm/ + sdd/ + the c_f projection, as without it,
+    # which a student without the option loads as any export.
+    out = tmp_path / "export"
+    run_cli("ckpt", "export", str(critic_run), "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["cf_proj.safetensors", "etm", "sdd"]
+    assert _adapters(out).keys() == _adapters(_final_checkpoint(stage1_run) / "adapters").keys()
+    GreedyDistillStudent.from_config(load_config(TINY_STAGE2)).load_adapters(out)
 
 
 def test_an_adapter_left_out_does_not_move_even_with_weight_decay(shards, stage1_run, tmp_path):
