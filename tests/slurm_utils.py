@@ -51,18 +51,43 @@ def stop_cluster(env: dict[str, str]) -> None:
     subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, env=env, timeout=180)
 
 
+LOCK_WAIT_S = 1800
+
+
 def cluster_for_module(nodes: int):
     """The body of a module-scoped `cluster` fixture: the local cluster's client environment (the test
-    skips where no cluster can start), stopped afterwards if this call started it."""
+    skips where no cluster can start), stopped afterwards if this call started it.
+
+    One module at a time uses a cluster on this machine (`<base>.lock`, held for the module): the one
+    that started it stops it, cancelling every job on it, and a job of these tests takes every node. So
+    tests/test_slurm_two_nodes.py and tests/test_slurm_gen_teacher.py on two pytest-xdist workers, or in
+    two test runs, take turns instead of stopping the cluster under each other."""
+    import fcntl
+
     import pytest
 
+    lock_path = f"{cluster_base(nodes)}.lock"
+    lock = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
-        env, started_here = start_cluster(nodes=nodes)
-    except ClusterUnavailable as exc:
-        pytest.skip(str(exc))
-    yield env
-    if started_here:
-        stop_cluster(env)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the local {nodes}-node SLURM cluster is still in use by another test after "
+                                f"{LOCK_WAIT_S} s ({lock_path})")
+                time.sleep(1)
+        try:
+            env, started_here = start_cluster(nodes=nodes)
+        except ClusterUnavailable as exc:
+            pytest.skip(str(exc))
+        yield env
+        if started_here:
+            stop_cluster(env)
+    finally:
+        os.close(lock)  # releases it
 
 
 def job(job_id: str, env: dict[str, str]) -> dict[str, str]:
