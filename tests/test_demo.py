@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gd_train.media import read_mp4
+from launch import ports
 from launch.ray_head import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +38,16 @@ def demo(tmp_path_factory):
     clone = tmp_path_factory.mktemp("fresh") / "gd-train"
     subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True)
     assert not (clone / ".venv").exists()
-    port = free_ports(1)[0]
-    proc = _make_demo(clone, port)
-    assert proc.returncode == 0, f"make demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return {"clone": clone, "root": clone / "runs" / "demo", "log": proc.stdout, "port": port}
+    # The demo's pinned dashboard port, used again by the rerun minutes later: held in the project's port
+    # registry for the module (launch/ports.py), so that no other run of the project (the other pytest-xdist
+    # worker's) takes it meanwhile, and below the ephemeral range, which the kernel hands to any connection.
+    block = ports.reserve(1, purpose="tests/test_demo.py: the demo's RAY_DASHBOARD_PORT")
+    try:
+        proc = _make_demo(clone, block.base)
+        assert proc.returncode == 0, f"make demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        yield {"clone": clone, "root": clone / "runs" / "demo", "log": proc.stdout, "port": block.base}
+    finally:
+        block.release()
 
 
 def test_demo_from_a_fresh_clone_leaves_every_artefact(demo):
