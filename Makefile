@@ -14,8 +14,11 @@ install:
 demo: install
 	@$(PY) -m gd_train.demo
 
+# On PYTEST_WORKERS pytest-xdist workers (1: serially, in this process). Each module is one unit of work,
+# handed out heaviest first (tests/conftest.py); --no-loadscope-reorder keeps that order.
+PYTEST_WORKERS ?= 2
 test: install
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q $(if $(filter 1,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The real Wan2.1-T2V-1.3B architecture (random weights, built once into .cache/): ~7-12 GiB per rank and
 # ~20 min on 2 CPU cores, over the `make test` budget (tests/test_full_arch.py)
