@@ -8,7 +8,10 @@ ones every later command computes from the folder).
 
 Training: clips drawn on the fly (a fresh start position for every sample; classes balanced),
 x_t = (1 - s)·x + s·ε with s uniform then warped by the sampler's flow shift (3.0, so training covers
-the levels UniPC visits), MSE of the velocity against ε − x, AdamW with warm-up and cosine decay.
+the levels UniPC visits) for half of each batch and uniform in [0.85, 1) for the other half (the
+levels where only the prompt's motion words say where the object goes: without them the teacher never
+bound its direction words — docs/experiment.md), MSE of the velocity against ε − x, AdamW with warm-up
+and cosine decay.
 One sample in ten is conditioned on Wan's negative prompt instead of its own, so classifier-free
 guidance (the pipeline's negative prompt) has an unconditional model to push away from.
 """
@@ -41,16 +44,16 @@ ARCH = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, 
 
 @dataclass
 class TeacherBudget:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 100
     frames: int = 8  # latent frames of the training clips (the teacher's training length)
     flow_shift: float = 3.0
     uncond_fraction: float = 0.1
     # Share of each batch drawn at sigma in [HIGH_SIGMA, 1) instead of from the shifted uniform: the
     # levels where only the prompt's motion words tell where the object goes (see prompt_sensitivity).
-    high_sigma_fraction: float = 0.0
+    high_sigma_fraction: float = 0.5
     seed: int = 0
 
 
