@@ -129,3 +129,13 @@ def test_motion_continuation_scores_the_clips_own_motion_whatever_the_prompt():
     assert np.isnan(metrics.motion_continuation(pos[:8], 8)["continuation_error"])
     with pytest.raises(ValueError, match="fitted_frames: expected 2 .. 8"):
         metrics.motion_continuation(pos[:8], 9)
+
+
+def test_the_toy_data_job_samples_every_prompt_at_the_worlds_one_length():
+    """configs/toy/datagen.yaml includes the tiny datagen defaults, which mix lengths; the toy teacher
+    was trained at one length and the experiment scores at it."""
+    from data_pipeline.lengths import LengthPlanner
+    from gd_train.config import load_config
+
+    planner = LengthPlanner.from_config(load_config("configs/toy/datagen.yaml"))
+    assert planner.possible_lengths == (1 + 4 * (8 - 1),)
