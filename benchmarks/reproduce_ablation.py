@@ -42,7 +42,13 @@ ROWS = [  # (name, how it is made)
     ("stage 1", "stage1"),
     ("stage 1 + stage 2 (SDD as fake score)", "stage2"),
     ("stage 1 + stage 2 (separate critic)", "stage2_critic"),
+    # Diagnostic rows (not in the paper's table): stage 1 on ground-truth world clips instead of teacher
+    # samples, same budgets, same base and held-out prompts — whether the ETM helps when the data's motion
+    # is exact, apart from how well the toy teacher follows its prompts.
+    ("stage 1 on world clips", "world_stage1"),
+    ("stage 1 on world clips without ETM", "world_stage1_noetm"),
 ]
+NO_ETM_ROWS = ("stage1_noetm", "world_stage1_noetm")
 TRAIN_FRAMES = 8  # the teacher's training length: the first frames whose motion a stream must continue
 
 
@@ -55,6 +61,17 @@ def motion_scores(positions, length: int) -> dict:
     if length <= TRAIN_FRAMES:
         del out["continuation_error"]
     return out
+
+
+def teacher_forced(forcing, student, sample, spec, text, seed: int) -> dict:
+    """Teacher-forced next frame on a held-out teacher clip (WorldMetrics.next_frame_error): against the
+    prompt's motion, and against the clip's own measured next frame (what the student should reproduce,
+    whatever the prompt said)."""
+    from gd_train.eval import metrics
+
+    own = metrics.fit_frames(sample.latents, spec.kind).positions
+    return {"forced_error_prompt": forcing.next_frame_error(student, sample, spec, text, seed),
+            "forced_error_own": forcing.next_frame_error(student, sample, spec, text, seed, truth=own)}
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -120,14 +137,26 @@ class Experiment:
         finally:
             head.stop()
 
+    def world_data(self, teacher: Path) -> None:
+        """Ground-truth clips of the same prompts as the teacher data (seeds 100/200 as the CSVs)."""
+        from gd_train.config import CONFIG_DIR, load_config
+        from gd_train.eval.world_shards import write_world_shards
+
+        cfg = load_config(CONFIG_DIR / "toy" / "stage1.yaml", [f"pretrained_path={teacher}"])
+        write_world_shards(self.out / "data" / "world-shards", cfg, self.args.train_prompts, TRAIN_FRAMES, seed=100,
+                           key_prefix="wt", samples_per_shard=16)
+        write_world_shards(self.out / "data" / "world-heldout", cfg, self.args.heldout, TRAIN_FRAMES, seed=200,
+                           key_prefix="wh", samples_per_shard=16)
+
     # -- training -----------------------------------------------------------------------------------
     def train(self, teacher: Path, seed: int, row: str) -> None:
         run_dir = self.out / f"seed{seed}" / row
+        prefix = "world-" if row.startswith("world_") else ""
         common = [f"pretrained_path={teacher}", f"seed={seed}", f"output_dir={run_dir}",
-                  f"data.shards={self.out / 'data' / 'shards'}", f"data.eval_shards={self.out / 'data' / 'heldout'}",
-                  *self.args.train_overrides]
-        if row in ("stage1", "stage1_noetm"):
-            extra = ["student.etm_window=0"] if row == "stage1_noetm" else []
+                  f"data.shards={self.out / 'data' / (prefix + 'shards')}",
+                  f"data.eval_shards={self.out / 'data' / (prefix + 'heldout')}", *self.args.train_overrides]
+        if row in ("stage1", "stage1_noetm", "world_stage1", "world_stage1_noetm"):
+            extra = ["student.etm_window=0"] if row in NO_ETM_ROWS else []
             run([sys.executable, "-m", "gd_train.cli", "stage1", "--config", "configs/toy/stage1.yaml", "--nproc", "2",
                  *common, *extra])
         else:
@@ -137,23 +166,31 @@ class Experiment:
         run([sys.executable, "-m", "gd_train.cli", "ckpt", "export", str(run_dir), "--out", str(run_dir / "adapters")])
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score_student(self, teacher: Path, seed: int, row: str) -> dict:
+    def score_student(self, teacher: Path, seed: int, row: str, forced_only: bool = False) -> dict:
         import torch
 
-        from gd_train.eval import metrics, world
-        from gd_train.eval.evaluators import read_samples
         from gd_train.config import CONFIG_DIR, load_config
+        from gd_train.eval import metrics, world
+        from gd_train.eval.evaluators import WorldMetrics, read_samples
+        from gd_train.flow import few_step_sigmas
         from gd_train.model.backbone import pad_prompt_embeds
         from gd_train.pipeline import GreedyDistillPipeline
 
-        overrides = [f"pretrained_path={teacher}"] + (["student.etm_window=0"] if row == "stage1_noetm" else [])
+        overrides = [f"pretrained_path={teacher}"] + (["student.etm_window=0"] if row in NO_ETM_ROWS else [])
         cfg = load_config(CONFIG_DIR / "toy" / "stage1.yaml", overrides)  # the student's LoRA ranks, as trained
         adapters = None if row == "untrained" else self.out / f"seed{seed}" / row / "adapters"
         pipe = GreedyDistillPipeline(cfg, adapters=adapters, text_encoder=False, vae=False)
         samples = read_samples(str(self.out / "data" / "heldout"), self.args.heldout)
         lengths = [8 * m for m in self.args.length_multiples]
         per_len = {L: [] for L in lengths}
-        curves, distance, chunk_s = [], [], []
+        curves, distance, chunk_s, forced = [], [], [], []
+        forcing = WorldMetrics(few_step_sigmas(list(cfg.student.denoising_steps), cfg.student.flow_shift))
+        if forced_only:
+            for sample in samples:
+                spec = world.parse_prompt(sample.caption)
+                text = pad_prompt_embeds([sample.prompt_embeds.float()], int(cfg.model.max_text_tokens))
+                forced.append(teacher_forced(forcing, pipe.student, sample, spec, text, int(sample.meta["seed"]) + seed))
+            return _mean(forced)
         for sample in samples:
             spec = world.parse_prompt(sample.caption)
             text = pad_prompt_embeds([sample.prompt_embeds.float()], int(cfg.model.max_text_tokens))
@@ -167,6 +204,8 @@ class Experiment:
             curves.append(whole.position_error.tolist())
             n = sample.latents.shape[1]
             distance.append(float(((latents[0, :, :n].float() - sample.latents.float()) ** 2).mean()))
+            forced.append(teacher_forced(forcing, pipe.student, sample, spec, text, int(sample.meta["seed"]) + seed))
+        per_len[lengths[0]] = [{**r, **f} for r, f in zip(per_len[lengths[0]], forced)]
         return {"by_length": {str(L): _mean(rows) for L, rows in per_len.items()},
                 "teacher_distance": float(np.mean(distance)), "chunk_ms": 1000 * float(np.median(chunk_s)),
                 "curve": np.mean(np.array(curves), axis=0).tolist()}
@@ -192,6 +231,7 @@ class Experiment:
         start = time.monotonic()
         teacher = self.teacher()
         self.step("teacher data (Ray job)", lambda: self.data(teacher))
+        self.step("world data", lambda: self.world_data(teacher))
         smoke = bool(self.args.teacher_steps or self.args.datagen_overrides or self.args.train_overrides)
         results = {"command": " ".join(sys.argv), "reduced": self.args.reduced, "smoke": smoke, "seeds": self.args.seeds,
                    "heldout": self.args.heldout, "train_prompts": self.args.train_prompts, "rows": {}}
@@ -207,6 +247,11 @@ class Experiment:
                     results["rows"][name] = {"per_seed": [self.score_teacher("heldout" if row == "teacher" else "heldout-4step")]}
                 continue
             entry = results["rows"].setdefault(name, {"per_seed": []})
+            for done in entry["per_seed"]:  # scored before the teacher-forced columns existed
+                if "forced_error_own" not in done["by_length"][str(8 * self.args.length_multiples[0])]:
+                    say(f"teacher-forced next frame, {name}, seed {done['seed']}")
+                    done["by_length"][str(8 * self.args.length_multiples[0])].update(
+                        self.score_student(teacher, done["seed"], row, forced_only=True))
             for seed in self.args.seeds[len(entry["per_seed"]):]:
                 if row != "untrained":
                     self.step(f"seed {seed}: {row}", lambda: self.train(teacher, seed, row))
@@ -230,8 +275,8 @@ def _cell(values: list[float]) -> str:
 def table(results: dict, multiples: list[int]) -> str:
     longer = [m for m in multiples if m > 1]
     head = (["row"] + [f"pos. err @{8 * m}" for m in multiples] + [f"cont. err @{8 * m}" for m in longer]
-            + ["final err @8", "direction", "speed @8", "motion resid. @8", "shape err", "identity",
-               "dist. to teacher", "ms / chunk"])
+            + ["next-frame err (own)", "next-frame err (prompt)", "final err @8", "direction", "speed @8",
+               "motion resid. @8", "shape err", "identity", "dist. to teacher", "ms / chunk"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in results["rows"].items():
         if "not_run" in entry:
@@ -240,10 +285,11 @@ def table(results: dict, multiples: list[int]) -> str:
         seeds = entry["per_seed"]
 
         def get(length, key):
-            return [s["by_length"][str(length)][key] for s in seeds if str(length) in s["by_length"]]
+            return [s["by_length"][str(length)][key] for s in seeds if key in s["by_length"].get(str(length), {})]
 
         cells = [_cell(get(8 * m, "position_error")) for m in multiples]
         cells += [_cell(get(8 * m, "continuation_error")) for m in longer]
+        cells += [_cell(get(8, k)) for k in ("forced_error_own", "forced_error_prompt")]
         cells += [_cell(get(8, k)) for k in ("final_position_error", "direction_cosine", "fitted_speed", "motion_residual",
                                              "shape_error", "identity")]
         cells += [_cell([s["teacher_distance"] for s in seeds]),
@@ -252,7 +298,9 @@ def table(results: dict, multiples: list[int]) -> str:
     note = (f"\nMean ± std over seeds {results['seeds']} of the per-seed mean over {results['heldout']} held-out "
             f"prompts; position errors in latent px (grid 8 x 12), mean over frames 1..L-1, against the prompt's "
             f"motion from the clip's frame 0. 'cont. err': against the clip's own motion fitted on frames 0..7 and "
-            f"continued (frames 8..L-1); 'speed' and 'motion resid.': that fit's speed (px/frame) and RMS residual."
+            f"continued (frames 8..L-1); 'speed' and 'motion resid.': that fit's speed (px/frame) and RMS residual. "
+            f"'next-frame err': teacher-forced (x_f from the held-out teacher clip's own x_0..x_f-1, every f) against "
+            f"that clip's own measured x_f, and against the prompt's motion."
             + (" REDUCED RUN." if results["reduced"] else "")
             + (" SMOKE RUN (changed budgets: not results)." if results.get("smoke") else "") + f"\nCommand: `{results['command']}`\n")
     return "\n".join(lines) + "\n" + note
@@ -275,7 +323,7 @@ def plot(results: dict, path: Path) -> None:
     for f in range(0, n, max(1, n // 8)):
         d.text((pad + f / max(1, n - 1) * (W - 1.5 * pad) - 5, H - pad + 5), str(f), fill="black")
     d.text((W // 2 - 80, H - 25), "latent frame (training length 8)", fill="black")
-    colours = ["black", "gray", "red", "orange", "blue", "green", "purple"]
+    colours = ["black", "gray", "red", "orange", "blue", "green", "purple", "brown", "cyan"]
     for i, (name, c) in enumerate(curves.items()):
         pts = [(pad + f / max(1, n - 1) * (W - 1.5 * pad), H - pad - v / top * (H - 1.5 * pad)) for f, v in enumerate(c)]
         d.line(pts, fill=colours[i % len(colours)], width=2)

@@ -104,9 +104,12 @@ class WorldMetrics(Evaluator):
         return out
 
     @torch.no_grad()
-    def next_frame_error(self, student, sample, spec, text, seed) -> float:
+    def next_frame_error(self, student, sample, spec, text, seed, truth=None) -> float:
+        """Teacher-forced: x_f generated from the held-out clip's own x_0 .. x_{f-1}, for every f, against
+        `truth[f]` ((F, 2) centres; default: the prompt's motion from the clip's measured frame 0, which
+        is the truth for a world clip)."""
         clip = sample.latents.float()[None].to(student.device_, student.dtype)  # (1, C, F, H, W)
-        truth = metrics.reference_positions(sample.latents, spec)
+        truth = metrics.reference_positions(sample.latents, spec) if truth is None else truth
         gen = torch.Generator().manual_seed(seed)
         errors = []
         for f in range(1, clip.shape[2]):
