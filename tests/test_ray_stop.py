@@ -39,7 +39,9 @@ def test_ray_job_stop_leaves_a_tidy_folder_and_a_rerun_completes_exactly_once(tm
     expected, _ = write_prompts_csv(csv)
     out = tmp_path / "shards"
     # 12 shards for 2 workers: a stop sent once the first is finished finds others in flight and queued.
-    job = command(csv, out, "datagen.samples_per_shard=3")
+    # 40 sampling steps (the tiny default has 4): at 4 the whole job took ~3 s of sampling, and on a
+    # loaded machine (the suite on 2 xdist workers) it finished before `ray job stop` had started.
+    job = command(csv, out, "datagen.samples_per_shard=3", "datagen.num_inference_steps=40")
     with LocalRayHead(num_cpus=2) as head:
         submit = subprocess.Popen(head.submit_command(job, options=["--submission-id", "stop-me", "--runtime-env-json",
                                                                     RUNTIME_ENV, "--no-wait"]),
