@@ -139,3 +139,23 @@ def test_the_toy_data_job_samples_every_prompt_at_the_worlds_one_length():
 
     planner = LengthPlanner.from_config(load_config("configs/toy/datagen.yaml"))
     assert planner.possible_lengths == (1 + 4 * (8 - 1),)
+
+
+def test_direction_probe_sees_a_word_only_when_the_model_reads_its_text():
+    """toy_teacher.direction_probe (the teacher's check during training): a model whose cross-attention
+    output is zeroed cannot see its prompt, so every word swap changes nothing; a random one does."""
+    from diffusers import WanTransformer3DModel
+
+    from gd_train.eval import toy_teacher
+    from gd_train.model.backbone import PromptEncoder
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**toy_teacher.ARCH).eval()
+    probe = toy_teacher.direction_probe(PromptEncoder(toy_teacher.toy_config()), clips=8, sigmas=(0.9,))
+    assert probe(0, model)["0.9"]["kind"] != 0.0
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn2.to_out[0].weight.zero_()
+            block.attn2.to_out[0].bias.zero_()
+    gaps = probe(0, model)["0.9"]
+    assert gaps["true"] > 0 and gaps["kind"] == gaps["direction"] == gaps["speed"] == 0.0

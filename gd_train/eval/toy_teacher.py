@@ -153,29 +153,53 @@ def save_folder(out_dir: Path, transformer, cfg, encoder) -> None:
 PROBE_SIGMAS = (0.98, 0.9, 0.8, 0.6)  # below ~0.6 x_t itself shows the motion
 
 
-def direction_probe(encoder, clips: int = 48, sigmas=(0.98, 0.9), seed: int = 123) -> Callable:
-    """A cheap in-training check of `prompt_sensitivity`'s teacher columns: velocity MSE with the true
-    prompt and its increase when the kind / direction / speed word is swapped (no Bayes model)."""
+@dataclass
+class _ProbeClips:
+    """Held-out clips (fixed seed), their noise, and the prompt embeddings of each word swap."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    chosen: list  # the clips' true specs
+    variants: dict  # "true" / "kind" / "direction" / "speed" -> one spec per clip
+    embeds: torch.Tensor  # (classes, tokens, dim)
+    row: dict  # spec -> its row in embeds
+
+    def teacher_mse(self, model, sigma: float) -> dict[str, float]:
+        """The teacher's velocity MSE (as an x0 error / sigma^2) at `sigma` under each prompt variant."""
+        from gd_train.flow import predict_x0
+
+        x_t = add_noise(self.x0, self.noise, sigma)
+        t = torch.full((len(self.chosen),), sigma * 1000.0)
+        out = {}
+        for name, prompts in self.variants.items():
+            v = model(hidden_states=x_t, timestep=t, encoder_hidden_states=self.embeds[[self.row[s] for s in prompts]],
+                      return_dict=False)[0]
+            out[name] = F.mse_loss(predict_x0(x_t, v, sigma), self.x0).item() / sigma ** 2
+        return out
+
+
+def _probe_clips(encoder, clips: int, seed: int) -> _ProbeClips:
     specs = world.all_specs()
-    row = {s: i for i, s in enumerate(specs)}
-    embeds = encoder.encode_padded([s.prompt for s in specs]).float()
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     chosen = [specs[i % len(specs)] for i in range(clips)]
     x0 = torch.stack([world.sample_clip(s, 8, rng).latents for s in chosen])
     noise = torch.randn(x0.shape, generator=gen)
     variants = {"true": chosen, **{k: [_wrong_prompts(s)[k] for s in chosen] for k in ("kind", "direction", "speed")}}
+    return _ProbeClips(x0=x0, noise=noise, chosen=chosen, variants=variants,
+                       embeds=encoder.encode_padded([s.prompt for s in specs]).float(),
+                       row={s: i for i, s in enumerate(specs)})
+
+
+def direction_probe(encoder, clips: int = 48, sigmas=(0.98, 0.9), seed: int = 123) -> Callable:
+    """A cheap in-training check of `prompt_sensitivity`'s teacher columns (the same clips): velocity MSE
+    with the true prompt and its increase when the kind / direction / speed word is swapped (no Bayes model)."""
+    probe_clips = _probe_clips(encoder, clips, seed)
 
     @torch.no_grad()
     def probe(step: int, model) -> dict:
-        from gd_train.flow import predict_x0
-
         out = {}
         for sigma in sigmas:
-            x_t = add_noise(x0, noise, sigma)
-            t = torch.full((clips,), sigma * 1000.0)
-            mse = {name: F.mse_loss(predict_x0(x_t, model(hidden_states=x_t, timestep=t, return_dict=False,
-                                                          encoder_hidden_states=embeds[[row[s] for s in p]])[0], sigma),
-                                    x0).item() / sigma ** 2 for name, p in variants.items()}
+            mse = probe_clips.teacher_mse(model, sigma)
             out[str(sigma)] = {"true": round(mse["true"], 4),
                                **{k: round(mse[k] - mse["true"], 4) for k in ("kind", "direction", "speed")}}
         return out
@@ -211,19 +235,14 @@ def prompt_sensitivity(folder: str | Path, clips: int = 48, sigmas=PROBE_SIGMAS,
     """
     from diffusers import WanTransformer3DModel
 
-    from gd_train.flow import predict_x0
     from gd_train.model.backbone import PromptEncoder
 
     folder = Path(folder)
     encoder = PromptEncoder(toy_config([f"pretrained_path={folder}"]))
     model = WanTransformer3DModel.from_pretrained(folder / "transformer").eval()
     specs = world.all_specs()
-    row = {s: i for i, s in enumerate(specs)}
-    embeds = encoder.encode_padded([s.prompt for s in specs]).float()
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    chosen = [specs[i % len(specs)] for i in range(clips)]
-    x0 = torch.stack([world.sample_clip(s, 8, rng).latents for s in chosen])
-    noise = torch.randn(x0.shape, generator=gen)
+    probe_clips = _probe_clips(encoder, clips, seed)
+    x0, noise, chosen, variants = probe_clips.x0, probe_clips.noise, probe_clips.chosen, probe_clips.variants
     lo, hi = world.bounds()
     starts = [(y, x) for y in np.linspace(lo[0], hi[0], grid) for x in np.linspace(lo[1], hi[1], int(grid * 1.5))]
     banks = {s: torch.stack([world.render(s.kind, world.trajectory(st, s.velocity, 8)).flatten()
@@ -231,16 +250,11 @@ def prompt_sensitivity(folder: str | Path, clips: int = 48, sigmas=PROBE_SIGMAS,
     # A perfect model that knows the kind but ignores the motion words: the posterior over every
     # direction and speed of that kind (each spec's lattice has the same size: a uniform prior).
     kind_only = {k: torch.cat([banks[s] for s in specs if s.kind == k]) for k in world.KINDS}
-    variants = {"true": chosen, **{k: [_wrong_prompts(s)[k] for s in chosen] for k in ("kind", "direction", "speed")}}
     out = {"clips": clips, "sigmas": list(sigmas), "teacher": {}, "bayes": {}, "bayes_kind_only": {}}
     for sigma in sigmas:
         x_t = add_noise(x0, noise, sigma)
-        t = torch.full((clips,), sigma * 1000.0)
-        teacher, bayes = {}, {}
+        teacher, bayes = probe_clips.teacher_mse(model, sigma), {}
         for name, prompts in variants.items():
-            v = model(hidden_states=x_t, timestep=t, encoder_hidden_states=embeds[[row[s] for s in prompts]],
-                      return_dict=False)[0]
-            teacher[name] = F.mse_loss(predict_x0(x_t, v, sigma), x0).item() / sigma ** 2
             est = torch.stack([_bayes_x0(x_t[i].flatten().double(), sigma, banks[s]) for i, s in enumerate(prompts)])
             bayes[name] = (((est - x0.flatten(1).double()) / sigma) ** 2).mean().item()
         est = torch.stack([_bayes_x0(x_t[i].flatten().double(), sigma, kind_only[s.kind])
