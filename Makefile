@@ -29,4 +29,4 @@ bench: install
 	@$(PY) benchmarks/bench_stream.py
 
 reproduce: install
-	@$(PY) benchmarks/reproduce_ablation.py --out runs/reproduce $(REPRODUCE_ARGS)
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) benchmarks/reproduce_ablation.py --out runs/reproduce $(REPRODUCE_ARGS)
