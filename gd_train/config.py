@@ -264,6 +264,9 @@ class TrainConfig:
     # gathered between forward and backward, more memory than ZeRO-2; see docs/training.md).
     zero3_max_live_parameters: Optional[int] = None
     zero3_max_reuse_distance: Optional[int] = None
+    # CPU ranks (glibc): blocks of at least this many bytes are mapped and given back on free. None: glibc's
+    # adaptive threshold, under which ZeRO-3's freed gather buffers stayed resident (gd_train/train/host_memory.py)
+    cpu_mmap_threshold: Optional[int] = 1_048_576
     checkpoint_every: int = 100  # optimizer steps
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     log_every: int = 1

@@ -67,6 +67,11 @@ def test_deepspeed_config_is_fp32_with_derived_accumulation():
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert cfg.model.dtype == "bfloat16"  # the frozen base runs in bf16 on the GPU configs
+    # The gradient bucket holds what trains, no more (DeepSpeed allocates it whole; its default is 5e8).
+    assert "reduce_bucket_size" not in ds["zero_optimization"]
+    for trainable, bucket in ((175_000_000, 175_000_000), (900_000_000, 500_000_000)):
+        assert deepspeed_config(cfg, BatchPlan.from_config(cfg.train, 64), trainable)["zero_optimization"][
+            "reduce_bucket_size"] == bucket
 
 
 def test_rl_draw_is_a_function_of_the_step_and_respects_the_score_level():

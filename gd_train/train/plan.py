@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from gd_train.config import ConfigError, load_config
+from gd_train.train.host_memory import MAX_THRESHOLD
 
 STAGES = ("stage1", "stage2")
 SCHEDULES = ("constant", "cosine")
@@ -82,6 +83,9 @@ def validate_train_config(cfg: DictConfig, command: Optional[str] = None) -> Non
     for key in ("warmup_steps", "video_every"):
         if int(t[key]) < 0:
             raise ConfigError(f"key 'train.{key}': expected >= 0, got {t[key]}")
+    if t.cpu_mmap_threshold is not None and not 0 < t.cpu_mmap_threshold <= MAX_THRESHOLD:
+        raise ConfigError(f"key 'train.cpu_mmap_threshold': expected bytes in (0, {MAX_THRESHOLD}] (glibc's limit) "
+                          f"or null, got {t.cpu_mmap_threshold}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"key 'train.max_steps': expected >= 1 or null, got {t.max_steps}")
     if t.lr <= 0 or t.grad_clip < 0 or t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1:
