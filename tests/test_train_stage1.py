@@ -174,6 +174,14 @@ def test_resume_refuses_what_it_cannot_continue(shards, run_a, tmp_path):
             "ranks that divides 4 (1, 2, 4)") in line and line.startswith("gd-train: error:")
     assert run_cli("resume", str(run_a), "--nproc", "1", "--dry-run").returncode == 0
 
+    # What the checkpoint's state is made of cannot change on resume (train.init_from starts a new run).
+    for override, said in (("student.sdd_lora.rank=8", "key 'student.sdd_lora': run "),
+                           ("train.adapters=[sdd]", "key 'train.adapters': run ")):
+        proc = run_cli("resume", str(run_a), "--nproc", "2", override, check=False)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and line.startswith("gd-train: error: " + said), proc.stderr
+        assert "this resume sets" in line and f"train.init_from={run_a}" in line
+
     # `latest` naming a folder that is not complete.
     broken = tmp_path / "broken"
     shutil.copytree(run_a, broken)

@@ -154,6 +154,11 @@ def test_a_separate_critic_trains_resumes_exactly_and_is_not_exported(shards, st
     again, _ = trainable_state(_final_checkpoint(resumed))
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
+    # Resuming it without the critic is refused before any rank starts: its state holds the critic's.
+    proc = run_cli("resume", str(resumed), "--nproc", "2", "train.rl_fake_score=sdd", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"gd-train: error: key 'train.rl_fake_score': run {resumed} trained with 'critic', this resume sets 'sdd'")
+
     # The export (what `gd-train ckpt export` runs, here in-process) leaves the critic out: etm/ + sdd/ + the
     # c_f projection, as without it, which a student without the option loads as any export.
     out = export(final, tmp_path / "export")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gd_train.config import ConfigError, load_config
 from gd_train.train.host_memory import MAX_THRESHOLD
@@ -111,7 +111,27 @@ def load_run_config(run_dir: Path, stage: Optional[str], config: Optional[str], 
         saved = run_dir / CONFIG_FILE
         if not saved.is_file():
             raise ConfigError(f"run folder {run_dir}: no {CONFIG_FILE} (not a gd-train run folder)")
-        return load_config(saved, list(overrides))
+        cfg = load_config(saved, list(overrides))
+        _check_fixed_on_resume(load_config(saved), cfg, run_dir)
+        return cfg
     cfg = load_config(config, [f"train.stage={stage}", *overrides, f"output_dir={run_dir}"])
     validate_train_config(cfg, command=stage)
     return cfg
+
+
+# What the checkpoint's weights and optimizer state are made of: a resume continues that run, so an
+# override of these would meet a state it does not fit (train.init_from starts a new run from it instead).
+FIXED_ON_RESUME = ("train.stage", "train.adapters", "train.rl_fake_score", "student.etm_lora", "student.sdd_lora")
+
+
+def _check_fixed_on_resume(saved: DictConfig, cfg: DictConfig, run_dir: Path) -> None:
+    for key in FIXED_ON_RESUME:
+        before, now = _plain(OmegaConf.select(saved, key)), _plain(OmegaConf.select(cfg, key))
+        if before != now:
+            raise ConfigError(f"key '{key}': run {run_dir} trained with {before!r}, this resume sets {now!r}; its "
+                              f"checkpoint holds that run's weights and optimizer state (to change it, start a new "
+                              f"run with train.init_from={run_dir})")
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
