@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +45,43 @@ SIZES = {
 }
 # (b) and (c) grow with F; past these sizes they take minutes per point on a 2-core CPU.
 LIMITS = {("mid", "recompute"): 32, ("mid", "teacher"): 64, ("tiny", "recompute"): 64}
+
+
+def _trend(times: list[float]) -> Optional[tuple[float, float]]:
+    """The fitted change of per-chunk time over the stream, as a fraction of the median chunk, and its
+    standard error: every chunk counts, not just 8 at each end."""
+    n = len(times)
+    if n < 16:
+        return None
+    xs = list(range(n))
+    slope, intercept = statistics.linear_regression(xs, times)
+    residual = sum((t - (intercept + slope * x)) ** 2 for x, t in zip(xs, times)) / (n - 2)
+    spread = sum((x - (n - 1) / 2) ** 2 for x in xs)
+    scale = (n - 1) / statistics.median(times)
+    return slope * scale, (residual / spread) ** 0.5 * scale
+
+
+def count_flops(size: str, mode: str, frames: int) -> list[int]:
+    """FLOPs of every chunk of one stream (torch.utils.flop_counter around each chunk): what timing on a
+    noisy machine cannot settle, whether a chunk's work depends on its position f."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gd_train.config import load_config
+    from gd_train.infer.stream import StreamingGenerator, StreamSettings
+    from gd_train.model.student import GreedyDistillStudent
+
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", SIZES[size])
+    torch.manual_seed(0)
+    student = GreedyDistillStudent.from_config(cfg)
+    text = torch.randn(1, 64, cfg.model.transformer.text_dim)
+    settings = StreamSettings.from_config(cfg, kv_cache=(mode != "recompute"), merged_adapters=(mode == "merged"))
+    chunks, counts = iter(StreamingGenerator(student, settings).stream(text, frames, seed=0)), []
+    while True:
+        with FlopCounterMode(display=False) as counter:
+            if next(chunks, None) is None:
+                return counts
+        counts.append(counter.get_total_flops())
 
 
 def measure(size: str, mode: str, frames: int, device: str, warmup: int) -> dict:
@@ -97,6 +135,7 @@ def measure(size: str, mode: str, frames: int, device: str, warmup: int) -> dict
     early, late = times[first_full:first_full + 8], times[-8:]
     return {"size": size, "mode": mode, "F": frames, "s_per_chunk": statistics.median(steady),
             "early_chunk_s": statistics.median(early), "late_chunk_s": statistics.median(late),
+            "trend": _trend(steady) if mode != "teacher" else None,
             "last_chunk_s": times[-1], "total_s": sum(times), "peak_mb": peak_mb,
             "growth_mb": peak_mb - base_rss / 1024 if not cuda else None}
 
@@ -172,6 +211,12 @@ def measure_overhead(size: str, threads: int, chunks: int, rounds: int) -> dict:
     return {"size": size, "threads": threads, **out, "merged_extra_mb": extra / 2**20, "base_mb": base / 2**20}
 
 
+def _window(size: str) -> int:
+    from gd_train.config import load_config
+
+    return int(load_config(ROOT / "configs/model/tiny.yaml", SIZES[size]).student.etm_window)
+
+
 def settings_hw(cfg) -> tuple[int, int]:
     from gd_train.config import latent_shape
 
@@ -189,6 +234,8 @@ def main() -> None:
     ap.add_argument("--overhead", default=None, help="thread counts, e.g. 1,2: generator vs raw passes per chunk")
     ap.add_argument("--overhead-chunks", type=int, default=10)
     ap.add_argument("--overhead-rounds", type=int, default=3)
+    ap.add_argument("--count-flops", action="store_true", help="FLOPs of every chunk of an F-chunk stream (largest "
+                    "--frames; --modes stream and/or merged) instead of timing")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # size,mode,F: run in this process
     ap.add_argument("--one-overhead", default=None, help=argparse.SUPPRESS)  # size,threads
     args = ap.parse_args()
@@ -196,6 +243,18 @@ def main() -> None:
     if args.one_overhead:
         size, threads = args.one_overhead.split(",")
         print(json.dumps(measure_overhead(size, int(threads), args.overhead_chunks, args.overhead_rounds)))
+        return
+
+    if args.count_flops:
+        frames = max(int(f) for f in args.frames.split(","))
+        for size in args.sizes.split(","):
+            for mode in (m for m in args.modes.split(",") if m in ("stream", "merged")):
+                counts = count_flops(size, mode, frames)
+                window = _window(size)
+                full = counts[window + 1:]
+                print(f"{size} {mode}: FLOPs per chunk over {frames} chunks: chunk 0 {counts[0]:,}, chunks 1-{window} "
+                      f"{sorted(set(counts[1:window + 1]))}, full-window chunks {window + 1}-{frames - 1}: min "
+                      f"{min(full):,} max {max(full):,} ({'all equal' if len(set(full)) == 1 else 'they differ'})")
         return
 
     if args.one:
@@ -261,6 +320,10 @@ def main() -> None:
             print(f"{size}: within the {mode} F={mfs[-1]} stream, last 8 chunks / first 8 full-window chunks = "
                   f"{b['late_chunk_s'] / b['early_chunk_s']:.3f} ({b['early_chunk_s'] * 1e3:.1f} -> "
                   f"{b['late_chunk_s'] * 1e3:.1f} ms; same process, so machine load cancels)")
+            if b.get("trend"):
+                change, err = b["trend"]
+                print(f"{size}: within the {mode} F={mfs[-1]} stream, least-squares line through every full-window "
+                      f"chunk: {change:+.1%} from its first to its last chunk (± {2 * err:.1%}, 2 standard errors)")
         for f in fs:
             for other in ("recompute", "teacher"):
                 if (other, f) in got:
