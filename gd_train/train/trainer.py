@@ -334,7 +334,8 @@ DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size 
 def deepspeed_config(cfg: DictConfig, plan: BatchPlan, trainable_numel: Optional[int] = None) -> dict:
     """DeepSpeed runs in fp32: the frozen base runs in `model.dtype` (bf16 on the GPU configs), while the
     weights that train — LoRA (PEFT keeps adapters in fp32 on a bf16 base) and c_f — and their AdamW
-    states are fp32 already, so no master copies are needed and Wan's fp32-only modules stay fp32."""
+    states are fp32 already, so no bf16/fp16 mode is configured and Wan's fp32-only modules stay fp32.
+    (DeepSpeed still keeps its own fp32 copy of each rank's partition of them: the census in BENCHMARKS.md.)"""
     train = cfg.train
     zero: dict = {"stage": int(train.zero_stage), "contiguous_gradients": True}
     # The gradient bucket is allocated whole (ZeRO-3: once, for the run; ZeRO-2: each micro-step): at
